@@ -1,0 +1,1 @@
+"""Knowledge-graph layer: reading, ids, entity linking, PEPR, KG embeddings."""

@@ -1,0 +1,1 @@
+"""Infrastructure that knows no model or KG: config, Ray, MLflow, manifests, text."""

@@ -1,0 +1,81 @@
+"""Fast WordPiece tokenizers: load a local vocab / tokenizer directory, or train a vocab.
+
+Training uses `tokenizers`' BertWordPieceTokenizer with Chinese characters split one per token (as
+bert-base-chinese does) and Latin words split into ## word pieces. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from keplm.platform.config import Section
+from keplm.platform.errors import KeplmError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class VocabConfig(Section):
+    vocab_size: int = 8000
+    min_frequency: int = 2
+    lowercase: bool = True
+    limit_alphabet: int = 6000
+
+
+def read_vocab(path: str | Path) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            token = line.rstrip("\n")
+            if token and token not in vocab:
+                vocab[token] = len(vocab)
+    missing = [t for t in ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]") if t not in vocab]
+    if missing:
+        raise KeplmError(f"{path}: vocab lacks special tokens {missing}")
+    return vocab
+
+
+def load_tokenizer(path: str | Path, lowercase: bool = True):
+    """A fast HF tokenizer from a tokenizer directory or a bare WordPiece vocab.txt."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise KeplmError(f"{p}: cannot load a tokenizer from this directory ({exc.__class__.__name__})") from None
+    elif p.is_file():
+        tok = BertTokenizer(vocab=read_vocab(p), do_lower_case=lowercase)
+    else:
+        raise KeplmError(f"tokenizer not found: {p}")
+    if not getattr(tok, "is_fast", False):
+        raise KeplmError(f"{p}: not a fast tokenizer (offset mapping is required)")
+    return tok
+
+
+def train_wordpiece(texts: Iterable[str], out_dir: str | Path, cfg: VocabConfig | None = None):
+    """Train a WordPiece vocab on `texts`, save a loadable tokenizer directory, return the tokenizer."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    cfg = cfg or VocabConfig()
+    trainer = BertWordPieceTokenizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=cfg.lowercase
+    )
+    trainer.train_from_iterator(
+        texts,
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        limit_alphabet=cfg.limit_alphabet,
+        special_tokens=SPECIAL_TOKENS,
+        wordpieces_prefix="##",
+    )
+    vocab = trainer.get_vocab()
+    ordered = sorted(vocab, key=vocab.get)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(ordered)}, do_lower_case=cfg.lowercase)
+    tok.save_pretrained(str(out))
+    (out / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
+    return tok
