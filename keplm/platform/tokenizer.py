@@ -79,3 +79,26 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, cfg: VocabConfig 
     tok.save_pretrained(str(out))
     (out / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
     return tok
+
+
+def align_spans(offsets, spans) -> list[tuple[int, int] | None]:
+    """Map end-exclusive char spans to end-exclusive token spans using a fast tokenizer's offsets.
+
+    A token belongs to a span when their character ranges overlap, so a span boundary inside a word
+    piece widens the token span to that piece. Special tokens (empty offsets) never belong to a span.
+    A span that no token covers (only whitespace, or cut off by truncation) maps to None.
+    """
+    import numpy as np
+
+    if not spans:
+        return []
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    real = np.nonzero(off[:, 1] > off[:, 0])[0]
+    starts, ends = off[real, 0], off[real, 1]
+    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    lo = np.searchsorted(ends, sp[:, 0], side="right")   # first token ending after the span starts
+    hi = np.searchsorted(starts, sp[:, 1], side="left")  # tokens starting before the span ends
+    out: list[tuple[int, int] | None] = []
+    for a, b in zip(lo.tolist(), hi.tolist()):
+        out.append((int(real[a]), int(real[b - 1]) + 1) if a < b else None)
+    return out

@@ -1,0 +1,28 @@
+"""The root config tree: one section per job/layer, each declared by the layer that owns it.
+
+Loaded with :func:`load` from YAML plus ``section.key=value`` overrides; unknown keys and bad values
+fail at load time with one line naming the dotted key. Every job reads its own section(s).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from keplm.kg.prepare import PrepareConfig
+from keplm.platform.config import Section, dump_config, load_config
+from keplm.platform.ray_session import RayConfig
+
+
+class KeplmConfig(Section):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> KeplmConfig:
+    return load_config(KeplmConfig, path, overrides)
+
+
+def dump(cfg: KeplmConfig) -> dict:
+    return dump_config(cfg)

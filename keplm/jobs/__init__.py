@@ -1,0 +1,1 @@
+"""Thin entrypoints: `keplm <job>` and `python -m keplm.jobs.<job>` run the same function."""
