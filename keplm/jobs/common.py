@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -16,6 +17,15 @@ def add_common_args(parser: argparse.ArgumentParser, output: bool = True) -> Non
         parser.add_argument("--output", required=True, help="output directory of this job")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+
+
+def split_overrides(paths: list[str] | None, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`--corpus a b ray.num_cpus=1`: argparse gives the trailing override to the nargs='+' flag."""
+    paths = paths or []
+    return [p for p in paths if not _OVERRIDE.match(p)], overrides + [p for p in paths if _OVERRIDE.match(p)]
 
 
 def run_job(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:

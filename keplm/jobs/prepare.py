@@ -7,13 +7,13 @@ import json
 import sys
 
 from keplm import config as keplm_config
-from keplm.jobs.common import add_common_args, module_main
+from keplm.jobs.common import add_common_args, module_main, split_overrides
 from keplm.kg.prepare import run_prepare
 from keplm.platform.ray_session import connect
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
+    args.corpus, overrides = split_overrides(args.corpus, list(args.overrides))
     if args.corpus:
         overrides.append("prepare.corpus=" + json.dumps(args.corpus, ensure_ascii=False))
     if args.kg:

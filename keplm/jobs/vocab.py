@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from keplm import config as keplm_config
-from keplm.jobs.common import add_common_args, module_main
+from keplm.jobs.common import add_common_args, module_main, split_overrides
 from keplm.kg.prepare import train_vocab_from_corpus
 from keplm.platform.config import resolve_path
 from keplm.platform.errors import KeplmError
@@ -17,7 +17,7 @@ from keplm.platform.corpus_io import expand_inputs
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
+    args.corpus, overrides = split_overrides(args.corpus, list(args.overrides))
     if args.corpus:
         overrides.append("prepare.corpus=" + json.dumps(args.corpus, ensure_ascii=False))
     cfg = keplm_config.load(args.config, overrides)

@@ -38,7 +38,7 @@ _URL = regex.compile(r"(?:(?:https?|ftp)://|www\.)[^\s\p{Han}<>\"'，。；！�
 _EMAIL = regex.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _SPACE_WITH_NEWLINE = regex.compile(r"[^\S\n]*\n\s*")
 _SPACE = regex.compile(r"[^\S\n]+")
-_SENTENCE_END = regex.compile(r"(?<=[。！？!?；;…\n])(?![”’」』）)\"'。！？!?；;…])")
+_SENTENCE = regex.compile(r".*?(?:[。！？!?；;…\n]+[”’」』）)\"']*|$)", regex.S)
 _SOFT_BREAK = regex.compile(r"[，,、：:\s]")
 _WORD_CHAR = regex.compile(r"[A-Za-z0-9]")
 
@@ -77,7 +77,7 @@ def clean_text(text: str, cfg: CleanConfig | None = None) -> str:
 
 
 def split_sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE_END.split(text) if s]
+    return [s for s in _SENTENCE.findall(text) if s]
 
 
 def _hard_split(sentence: str, max_chars: int) -> list[str]:
