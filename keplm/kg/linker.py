@@ -7,7 +7,7 @@ same surface, the lower entity id keeps it. A name always beats an alias with th
 alias that points to several entities is ambiguous and left out of the dictionary (counted): linking
 it to an arbitrary one of them would be wrong more often than right.
 
-Conflicts: all dictionary matches in a segment are found in one C pass; overlapping matches form
+Conflicts: all dictionary matches in a segment are found in one pass of a Rust Aho-Corasick automaton (ahocorasick_rs); overlapping matches form
 conflict clusters. Inside a cluster, candidates are taken greedily in the order
 1. longer match first;
 2. among equally long overlapping candidates, the one whose both ends fall on jieba word boundaries
@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-import ahocorasick
+import ahocorasick_rs
 
 from keplm.kg.reader import Entities
 from keplm.platform.config import Section
 from keplm.platform.text import CleanConfig, clean_text
+
+
+JIEBA_USER_FREQ = 100_000
 
 
 class LinkConfig(Section):
@@ -70,18 +73,23 @@ class EntityLinker:
                 surfaces[surface] = next(iter(targets))
         self.counts["surfaces"] = len(surfaces)
         self.surfaces = surfaces
-        self._automaton = ahocorasick.Automaton()
-        for surface, eid in surfaces.items():
-            self._automaton.add_word(surface, (eid, len(surface)))
-        if surfaces:
-            self._automaton.make_automaton()
-        self._jieba = None
+        self._build()
         self.jieba_calls = 0
 
+    def _build(self) -> None:
+        self._patterns = list(self.surfaces)
+        self._pattern_entity = [self.surfaces[p] for p in self._patterns]
+        self._automaton = (ahocorasick_rs.AhoCorasick(self._patterns, matchkind=ahocorasick_rs.MatchKind.Standard)
+                           if self._patterns else None)
+        self._jieba = None
+
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_jieba"] = None  # rebuilt lazily where it is needed
-        return state
+        # the automaton and jieba are rebuilt where the linker lands (a Ray actor): cheap, not picklable
+        return {k: v for k, v in self.__dict__.items() if k not in ("_automaton", "_jieba", "_patterns", "_pattern_entity")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._build()
 
     def _word_boundaries(self, text: str, start: int, end: int) -> set[int]:
         if self._jieba is None:
@@ -92,7 +100,9 @@ class EntityLinker:
             jieba.setLogLevel(logging.WARNING)
             tk = jieba.Tokenizer()
             for surface in self.surfaces:
-                tk.add_word(surface, freq=None)
+                # a fixed, high frequency keeps every KG surface a single word; freq=None would call
+                # jieba's slow suggest_freq for each of tens of thousands of names
+                tk.add_word(surface, freq=JIEBA_USER_FREQ)
             self._jieba = tk
         self.jieba_calls += 1
         lo = max(0, start - self.cfg.jieba_context)
@@ -119,9 +129,10 @@ class EntityLinker:
 
     def candidates(self, text: str) -> list[tuple[int, int, int]]:
         """Every dictionary match (overlapping), sorted by start then longest first."""
-        if not self.surfaces:
+        if self._automaton is None:
             return []
-        found = [(end + 1 - length, end + 1, eid) for end, (eid, length) in self._automaton.iter(text)]
+        ent = self._pattern_entity
+        found = [(s, e, ent[i]) for i, s, e in self._automaton.find_matches_as_indexes(text, overlapping=True)]
         found.sort(key=lambda m: (m[0], -m[1]))
         return found
 

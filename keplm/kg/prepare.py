@@ -27,7 +27,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
@@ -120,32 +122,36 @@ def clean_and_segment(table: pa.Table, clean_cfg: CleanConfig, min_chars: int, m
 class LinkAndTokenize:
     """Actor-pool UDF: clean + segment + link + tokenise; holds linker and tokenizer for the actor's life."""
 
-    def __init__(self, linker: EntityLinker, tokenizer_path: str, max_seq_len: int, lowercase: bool,
-                 clean_kwargs: dict):
+    def __init__(self, linker: EntityLinker, tokenizer_json: str, max_seq_len: int, clean_kwargs: dict):
+        import os
+
+        # one core per worker: the Rust tokenizer would otherwise spread every batch over all cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from tokenizers import Tokenizer
+
         self.linker = linker
         self.clean_kwargs = clean_kwargs
-        self.tokenizer = load_tokenizer(tokenizer_path, lowercase)
-        self.max_seq_len = max_seq_len
+        # the same fast tokenizer transformers wraps (tokenizer.json written by run_prepare), without
+        # importing transformers in every actor
+        self.tokenizer = Tokenizer.from_file(tokenizer_json)
+        self.tokenizer.enable_truncation(max_seq_len)
+        self.tokenizer.no_padding()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = clean_and_segment(table, **self.clean_kwargs).to_pylist()
         live = [i for i, r in enumerate(rows) if r["reject_reason"] is None]
-        enc = self.tokenizer(
-            [rows[i]["text"] for i in live], return_offsets_mapping=True, add_special_tokens=True,
-            truncation=True, max_length=self.max_seq_len,
-            return_attention_mask=False, return_token_type_ids=False,
-        ) if live else {"input_ids": [], "offset_mapping": []}
+        enc = self.tokenizer.encode_batch([rows[i]["text"] for i in live], add_special_tokens=True)
         for r in rows:
             r.update(input_ids=[], mentions=[], mentions_dropped=0)
         for k, i in enumerate(live):
             row = rows[i]
             links = self.linker.link(row["text"])
-            spans = align_spans(enc["offset_mapping"][k], [(s, e) for s, e, _ in links])
+            spans = align_spans(enc[k].offsets, [(s, e) for s, e, _ in links])
             mentions = [
                 {"char_start": s, "char_end": e, "token_start": ts[0], "token_end": ts[1], "entity": eid}
                 for (s, e, eid), ts in zip(links, spans) if ts is not None
             ]
-            row.update(input_ids=enc["input_ids"][k], mentions=mentions, mentions_dropped=len(links) - len(mentions))
+            row.update(input_ids=enc[k].ids, mentions=mentions, mentions_dropped=len(links) - len(mentions))
         return pa.Table.from_pylist(rows, schema=_LINKED_SCHEMA)
 
 
@@ -187,12 +193,13 @@ class ShardSink:
                         shard = kept.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
                         pq.write_table(shard, self.out / "shards" / name)
                         c["segments"] += kept.num_rows
-                        c["documents_kept"] += sum(1 for s in kept.column("segment").to_pylist() if s == 0)
-                        c["mentions_dropped"] += sum(kept.column("mentions_dropped").to_pylist())
-                        c["tokens"] += sum(len(ids) for ids in kept.column("input_ids").to_pylist())
-                        for ms in kept.column("mentions").to_pylist():
-                            c["mentions"] += len(ms)
-                            freq.update(m["entity"] for m in ms)
+                        c["documents_kept"] += int(pc.sum(pc.equal(kept.column("segment"), 0)).as_py() or 0)
+                        c["mentions_dropped"] += int(pc.sum(kept.column("mentions_dropped")).as_py() or 0)
+                        c["tokens"] += int(pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0)
+                        entities = pc.list_flatten(kept.column("mentions")).combine_chunks().field("entity")
+                        c["mentions"] += len(entities)
+                        ids, n = np.unique(entities.to_numpy(zero_copy_only=False), return_counts=True)
+                        freq.update(dict(zip(ids.tolist(), n.tolist())))
                         c["shard_files"] += 1
                 return {"counts": dict(c), "freq": dict(freq)}
 
@@ -281,6 +288,8 @@ def run_prepare(cfg: PrepareConfig, out_dir: str | Path, config_dump: dict) -> d
         tok_dir = out / "tokenizer"
         shutil.rmtree(tok_dir, ignore_errors=True)
         tok.save_pretrained(str(tok_dir))
+        if Path(cfg.tokenizer).is_file():
+            shutil.copy(cfg.tokenizer, tok_dir / "vocab.txt")
     else:
         log.info("prepare: training a WordPiece vocab on the cleaned corpus")
         tok_dir = train_vocab_from_corpus(cfg, out)
@@ -292,8 +301,8 @@ def run_prepare(cfg: PrepareConfig, out_dir: str | Path, config_dump: dict) -> d
         LinkAndTokenize, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
         num_cpus=cfg.actor_num_cpus,
-        fn_constructor_kwargs=dict(linker=linker, tokenizer_path=str(tok_dir), max_seq_len=cfg.max_seq_len,
-                                   lowercase=cfg.vocab.lowercase, clean_kwargs=_clean_kwargs(cfg)),
+        fn_constructor_kwargs=dict(linker=linker, tokenizer_json=str(tok_dir / "tokenizer.json"),
+                                   max_seq_len=cfg.max_seq_len, clean_kwargs=_clean_kwargs(cfg)),
     ).write_datasink(sink, ray_remote_args={"num_cpus": cfg.write_num_cpus})
     result = sink.result or {"counts": Counter(), "freq": Counter()}
     c, freq = result["counts"], result["freq"]
