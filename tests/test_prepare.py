@@ -139,3 +139,19 @@ def test_real_corpus_sample_with_real_kg_and_vocab(ray_local, tmp_path):
     assert counts["documents_kept"] > 900
     assert counts["entities_linked"] > 500 and counts["mentions"] > 5 * counts["documents_kept"]
     check_outputs(tmp_path / "real", kg, 512)
+
+
+def test_vocab_job_trains_a_loadable_tokenizer(ray_local, tmp_path):
+    from keplm.jobs import vocab
+
+    assert vocab.main(["--config", "configs/demo.yaml", "--output", str(tmp_path), "prepare.vocab.vocab_size=800"]) == 0
+    m = read_manifest(tmp_path, "vocab")
+    tok = load_tokenizer(tmp_path / "tokenizer")
+    assert m["counts"]["vocab_size"] == len(tok) <= 800
+    assert tok.tokenize("感冒发热") == ["感", "冒", "发", "热"]
+    assert tok.convert_tokens_to_ids("[MASK]") != tok.unk_token_id
+
+
+def test_cli_help_lists_jobs():
+    proc = subprocess.run([sys.executable, "-m", "keplm.jobs.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "prepare" in proc.stdout and "vocab" in proc.stdout
