@@ -246,9 +246,9 @@ def _file_dataset(files: list[tuple[str, str]], block_kb: int):
     return ray.data.from_items([{"path": p, "name": n} for p, n in files], override_num_blocks=len(files))
 
 
-def train_vocab_from_corpus(cfg: PrepareConfig, out_dir: Path) -> Path:
+def train_vocab_from_corpus(cfg: PrepareConfig, out_dir: Path, files: list[tuple[str, str]] | None = None) -> Path:
     """Train a WordPiece vocab on the cleaned segments, streamed from Ray Data to the trainer."""
-    files = expand_inputs(cfg.corpus)
+    files = files if files is not None else expand_inputs(cfg.corpus)
     segments = _documents(_file_dataset(files, cfg.block_kb), cfg).map_batches(
         clean_and_segment, batch_format="pyarrow", fn_kwargs=_clean_kwargs(cfg))
 
@@ -292,7 +292,7 @@ def run_prepare(cfg: PrepareConfig, out_dir: str | Path, config_dump: dict) -> d
             shutil.copy(cfg.tokenizer, tok_dir / "vocab.txt")
     else:
         log.info("prepare: training a WordPiece vocab on the cleaned corpus")
-        tok_dir = train_vocab_from_corpus(cfg, out)
+        tok_dir = train_vocab_from_corpus(cfg, out, files)
 
     import ray
 
