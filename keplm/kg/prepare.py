@@ -1,17 +1,17 @@
 """The corpus stage (`keplm prepare`): clean, segment, link and tokenise a corpus on Ray Data.
 
 Pipeline (streaming; the corpus never gathers on the driver):
-read files (one task per file) -> clean + segment (tasks) -> link + tokenise (actor pool of
-``num_workers``) -> :class:`ShardSink`, which writes the Parquet shards and the quarantined records and
-returns per-task counts and entity frequencies that the driver sums into the manifest.
+read files (tasks, one per file, yielding small blocks) -> :class:`LinkAndTokenize` actor pool of
+``num_workers`` (clean + segment + link + tokenise, then writes that batch's shard and quarantine files)
+-> one row of counts and entity frequencies per batch, which the driver sums into the manifest.
 
 Output directory (shard schema version 1)::
 
-    shards/part-TTTTT-BBBB.parquet   doc_id: string, segment: int32, text: string (cleaned segment),
+    shards/<batch-hash>.parquet      doc_id: string, segment: int32, text: string (cleaned segment),
                                      input_ids: list<int32> (with [CLS]/[SEP]),
                                      mentions: list<struct<char_start, char_end, token_start,
                                                token_end, entity: int32>> (end-exclusive)
-    rejected/part-TTTTT-BBBB.parquet doc_id: string, reason: string
+    rejected/<batch-hash>.parquet    doc_id: string, reason: string
     entities.parquet                 id, name, type (ids of the KG reader)
     entity_freq.parquet              entity: int32, count: int64 (linked mentions; entities seen >= 1)
     tokenizer/                       the tokenizer used (trained here when prepare.tokenizer is unset)
@@ -21,15 +21,14 @@ Output directory (shard schema version 1)::
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
@@ -59,10 +58,6 @@ _DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("rejec
 _SEGMENT_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("segment", pa.int32()), ("text", pa.string()), ("reject_reason", pa.string()),
 ])
-_LINKED_SCHEMA = pa.schema(list(_SEGMENT_SCHEMA) + [
-    ("input_ids", pa.list_(pa.int32())), ("mentions", pa.list_(MENTION_TYPE)),
-    ("mentions_dropped", pa.int32()),
-])
 
 
 class PrepareConfig(Section):
@@ -79,9 +74,8 @@ class PrepareConfig(Section):
     read_batch_rows: int = Field(1000, ge=1)
     block_kb: int = Field(1024, ge=1, description="target Ray Data block size between read and link")
     # Logical CPUs per stage. Linking actors hold their CPU for the whole run, so they ask for a little
-    # less than one each to leave room for the light read and write tasks (else 2 actors on 2 CPUs starve them).
+    # less than one each to leave room for the light read tasks (else 2 actors on 2 CPUs starve them).
     read_num_cpus: float = Field(0.2, gt=0)
-    write_num_cpus: float = Field(0.1, gt=0)
     actor_num_cpus: float = Field(0.8, gt=0)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
@@ -120,9 +114,16 @@ def clean_and_segment(table: pa.Table, clean_cfg: CleanConfig, min_chars: int, m
 
 
 class LinkAndTokenize:
-    """Actor-pool UDF: clean + segment + link + tokenise; holds linker and tokenizer for the actor's life."""
+    """Actor-pool UDF: clean + segment + link + tokenise + write, holding linker and tokenizer for life.
 
-    def __init__(self, linker: EntityLinker, tokenizer_json: str, max_seq_len: int, clean_kwargs: dict):
+    Each call writes its batch's shard and quarantine files itself and returns one small row of counts,
+    so the big linked tables never travel through the object store to separate write tasks (that hop
+    cost more than the linking on 2 cores). File names are a hash of the batch's doc ids: a retried
+    batch overwrites its own files instead of duplicating them.
+    """
+
+    def __init__(self, linker: EntityLinker, tokenizer_json: str, max_seq_len: int, clean_kwargs: dict,
+                 out_dir: str):
         import os
 
         # one core per worker: the Rust tokenizer would otherwise spread every batch over all cores
@@ -131,87 +132,56 @@ class LinkAndTokenize:
 
         self.linker = linker
         self.clean_kwargs = clean_kwargs
+        self.out = Path(out_dir)
         # the same fast tokenizer transformers wraps (tokenizer.json written by run_prepare), without
         # importing transformers in every actor
         self.tokenizer = Tokenizer.from_file(tokenizer_json)
         self.tokenizer.enable_truncation(max_seq_len)
         self.tokenizer.no_padding()
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def link_batch(self, table: pa.Table) -> tuple[list[dict], list[dict], int]:
+        """-> (shard rows, rejected rows, mentions dropped because no token covers them)."""
         rows = clean_and_segment(table, **self.clean_kwargs).to_pylist()
-        live = [i for i, r in enumerate(rows) if r["reject_reason"] is None]
-        enc = self.tokenizer.encode_batch([rows[i]["text"] for i in live], add_special_tokens=True)
-        for r in rows:
-            r.update(input_ids=[], mentions=[], mentions_dropped=0)
-        for k, i in enumerate(live):
-            row = rows[i]
+        kept = [r for r in rows if r["reject_reason"] is None]
+        rejected = [{"doc_id": r["doc_id"], "reason": r["reject_reason"]} for r in rows if r["reject_reason"] is not None]
+        enc = self.tokenizer.encode_batch([r["text"] for r in kept], add_special_tokens=True)
+        dropped = 0
+        for row, e in zip(kept, enc):
             links = self.linker.link(row["text"])
-            spans = align_spans(enc[k].offsets, [(s, e) for s, e, _ in links])
-            mentions = [
-                {"char_start": s, "char_end": e, "token_start": ts[0], "token_end": ts[1], "entity": eid}
-                for (s, e, eid), ts in zip(links, spans) if ts is not None
+            spans = align_spans(e.offsets, [(s, t) for s, t, _ in links])
+            row["input_ids"] = e.ids
+            row["mentions"] = [
+                {"char_start": s, "char_end": t, "token_start": ts[0], "token_end": ts[1], "entity": eid}
+                for (s, t, eid), ts in zip(links, spans) if ts is not None
             ]
-            row.update(input_ids=enc[k].ids, mentions=mentions, mentions_dropped=len(links) - len(mentions))
-        return pa.Table.from_pylist(rows, schema=_LINKED_SCHEMA)
+            dropped += len(links) - len(row["mentions"])
+            del row["reject_reason"]
+        return kept, rejected, dropped
 
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import hashlib
 
-class ShardSink:
-    """Ray Data datasink: shards + quarantine; each write task returns its counts (summed on the driver).
-
-    File names derive from the write task index, so a retried task overwrites its own files and its
-    counts are only reported once (by the attempt that succeeds).
-    """
-
-    def __new__(cls, out_dir: str):
-        from ray.data.datasource import Datasink
-
-        class _Sink(Datasink):
-            def __init__(self, out: str):
-                self.out = Path(out)
-                self.result: dict | None = None
-
-            def write(self, blocks, ctx):
-                from ray.data.block import BlockAccessor
-
-                c: Counter = Counter()
-                freq: Counter = Counter()
-                for b, block in enumerate(blocks):
-                    t = BlockAccessor.for_block(block).to_arrow()
-                    if t.num_rows == 0:
-                        continue
-                    reasons = t.column("reject_reason")
-                    rejected = t.filter(reasons.is_valid())
-                    kept = t.filter(reasons.is_null())
-                    name = f"part-{ctx.task_idx:05d}-{b:04d}.parquet"
-                    if rejected.num_rows:
-                        rj = pa.table({"doc_id": rejected.column("doc_id"), "reason": rejected.column("reject_reason")},
-                                      schema=REJECT_SCHEMA)
-                        pq.write_table(rj, self.out / "rejected" / name)
-                        for reason in rj.column("reason").to_pylist():
-                            c[f"rejected:{reason}"] += 1
-                    if kept.num_rows:
-                        shard = kept.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-                        pq.write_table(shard, self.out / "shards" / name)
-                        c["segments"] += kept.num_rows
-                        c["documents_kept"] += int(pc.sum(pc.equal(kept.column("segment"), 0)).as_py() or 0)
-                        c["mentions_dropped"] += int(pc.sum(kept.column("mentions_dropped")).as_py() or 0)
-                        c["tokens"] += int(pc.sum(pc.list_value_length(kept.column("input_ids"))).as_py() or 0)
-                        entities = pc.list_flatten(kept.column("mentions")).combine_chunks().field("entity")
-                        c["mentions"] += len(entities)
-                        ids, n = np.unique(entities.to_numpy(zero_copy_only=False), return_counts=True)
-                        freq.update(dict(zip(ids.tolist(), n.tolist())))
-                        c["shard_files"] += 1
-                return {"counts": dict(c), "freq": dict(freq)}
-
-            def on_write_complete(self, write_result):
-                counts: Counter = Counter()
-                freq: Counter = Counter()
-                for r in write_result.write_returns:
-                    counts.update(r["counts"])
-                    freq.update(r["freq"])
-                self.result = {"counts": counts, "freq": freq}
-
-        return _Sink(out_dir)
+        kept, rejected, dropped = self.link_batch(table)
+        name = hashlib.sha1("\n".join(table.column("doc_id").to_pylist()).encode()).hexdigest()[:20] + ".parquet"
+        c: Counter = Counter()
+        freq: Counter = Counter()
+        if rejected:
+            pq.write_table(pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA), self.out / "rejected" / name)
+            c.update(f"rejected:{r['reason']}" for r in rejected)
+        if kept:
+            pq.write_table(pa.Table.from_pylist(kept, schema=SHARD_SCHEMA), self.out / "shards" / name)
+            c["segments"] = len(kept)
+            c["documents_kept"] = sum(r["segment"] == 0 for r in kept)
+            c["mentions_dropped"] = dropped
+            c["tokens"] = sum(len(r["input_ids"]) for r in kept)
+            freq.update(m["entity"] for r in kept for m in r["mentions"])
+            c["mentions"] = sum(freq.values())
+            c["shard_files"] = 1
+        return pa.table({
+            "counts": [json.dumps(c)],
+            "freq_entity": pa.array([list(freq)], pa.list_(pa.int32())),
+            "freq_count": pa.array([list(freq.values())], pa.list_(pa.int64())),
+        })
 
 
 # ---------------------------------------------------------------- driver
@@ -296,17 +266,31 @@ def run_prepare(cfg: PrepareConfig, out_dir: str | Path, config_dump: dict) -> d
 
     import ray
 
-    sink = ShardSink(str(out))
-    _documents(_file_dataset(files, cfg.block_kb), cfg).map_batches(
+    ds = _documents(_file_dataset(files, cfg.block_kb), cfg).map_batches(
         LinkAndTokenize, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
         num_cpus=cfg.actor_num_cpus,
         fn_constructor_kwargs=dict(linker=linker, tokenizer_json=str(tok_dir / "tokenizer.json"),
-                                   max_seq_len=cfg.max_seq_len, clean_kwargs=_clean_kwargs(cfg)),
-    ).write_datasink(sink, ray_remote_args={"num_cpus": cfg.write_num_cpus})
-    result = sink.result or {"counts": Counter(), "freq": Counter()}
-    c, freq = result["counts"], result["freq"]
+                                   max_seq_len=cfg.max_seq_len, clean_kwargs=_clean_kwargs(cfg), out_dir=str(out)),
+    )
+    c: Counter = Counter()
+    freq: Counter = Counter()
+    # one tiny row per linked batch: the driver only ever sees counts
+    import time
 
+    t0, first = time.perf_counter(), None
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        first = first or time.perf_counter() - t0
+        for counts_json, ents, ns in zip(batch.column("counts").to_pylist(), batch.column("freq_entity").to_pylist(),
+                                         batch.column("freq_count").to_pylist()):
+            c.update(json.loads(counts_json))
+            freq.update(dict(zip(ents, ns)))
+    log.info("prepare: first linked batch after %.1fs, all after %.1fs", first or 0, time.perf_counter() - t0)
+
+    written = sum(pq.read_metadata(f).num_rows for f in (out / "shards").glob("*.parquet"))
+    if written != c["segments"]:  # two batches with the same doc ids (e.g. one file given twice)
+        raise KeplmError(f"prepare: {c['segments']} segments linked but {written} written; are some "
+                         f"documents (same ids) given twice in {cfg.corpus}?")
     rejected = {k.split(":", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("rejected:")}
     freq_table = pa.table({
         "entity": pa.array(sorted(freq), pa.int32()),
