@@ -10,14 +10,22 @@ from pathlib import Path
 
 from pydantic import Field
 
+from keplm.kg.embed import EmbedConfig
+from keplm.kg.graph import GraphConfig
+from keplm.kg.pepr import PEPRConfig
 from keplm.kg.prepare import PrepareConfig
 from keplm.platform.config import Section, dump_config, load_config
 from keplm.platform.ray_session import RayConfig
+from keplm.platform.tracking import TrackingConfig
 
 
 class KeplmConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    graph: GraphConfig = Field(default_factory=GraphConfig)
+    pepr: PEPRConfig = Field(default_factory=PEPRConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> KeplmConfig:

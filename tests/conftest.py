@@ -26,3 +26,15 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_prepared(ray_local, tmp_path_factory):
+    """The demo corpus prepared once (configs/demo.yaml) for the stages after prepare."""
+    from keplm import config
+    from keplm.kg.prepare import run_prepare
+
+    out = tmp_path_factory.mktemp("demo_prepared")
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    run_prepare(cfg.prepare, out, {"prepare": config.dump(cfg)["prepare"]})
+    return out

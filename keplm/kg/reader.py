@@ -147,3 +147,70 @@ def write_entities(entities: Entities, out_dir: str | Path, extra: dict[str, pa.
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
+
+
+@dataclass
+class Triples:
+    """Kept triples as entity/relation ids; relation ids are first-seen order of kept triples' relations."""
+
+    heads: list[int]
+    relations: list[int]
+    tails: list[int]
+    relation_names: list[str]
+    same_as: list[tuple[str, int]]  # (alias, entity id) pairs taken from "same as" triples
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+
+def read_triples(kg_dir: str | Path, entities: Entities, counts: Counter | None = None,
+                 same_as_relations: tuple[str, ...] = ()) -> Triples:
+    """Read ``triples.tsv``; every line is kept or counted under one ``triples_*`` reason.
+
+    Reasons: ``malformed`` (not three non-empty fields: this includes a missing relation name),
+    ``undecodable``, ``unknown_entity`` (head or tail not in entities.tsv), ``self_loop``,
+    ``duplicate`` (same head, relation, tail as an earlier line). A triple whose relation is one of
+    ``same_as_relations`` (e.g. 别名) is not a graph edge: its tail becomes an alias of its head
+    (``triples_same_as``). ``triples_lines == triples_kept + triples_same_as + the rejected reasons``.
+    """
+    counts = counts if counts is not None else Counter()
+    path = find_table(kg_dir, "triples")
+    if path is None:
+        raise KeplmError(f"{kg_dir}: no triples.tsv or triples.tsv.gz (a KG directory needs one)")
+    same = set(same_as_relations)
+    rel_index: dict[str, int] = {}
+    seen: set[tuple[int, int, int]] = set()
+    out = Triples([], [], [], [], [])
+    before = counts["triples_malformed"] + counts["triples_undecodable"]
+    for _, (head, rel, tail) in iter_tsv(path, TRIPLE_HEADER, counts, "triples"):
+        counts["triples_read"] += 1
+        h, t = entities.index.get(head), entities.index.get(tail)
+        if rel in same:
+            if h is None:
+                counts["triples_unknown_entity"] += 1
+            elif head == tail:
+                counts["triples_self_loop"] += 1
+            else:
+                counts["triples_same_as"] += 1
+                out.same_as.append((tail, h))
+            continue
+        if h is None or t is None:
+            counts["triples_unknown_entity"] += 1
+            continue
+        if h == t:
+            counts["triples_self_loop"] += 1
+            continue
+        r = rel_index.setdefault(rel, len(rel_index))
+        if (h, r, t) in seen:
+            counts["triples_duplicate"] += 1
+            continue
+        seen.add((h, r, t))
+        out.heads.append(h)
+        out.relations.append(r)
+        out.tails.append(t)
+    counts["triples_lines"] = counts["triples_read"] + counts["triples_malformed"] + counts["triples_undecodable"] - before
+    counts["triples_kept"] = len(out.heads)
+    out.relation_names = sorted(rel_index, key=rel_index.get)  # ids in first-kept order
+    if not out.heads:
+        raise KeplmError(f"{path}: no usable triple ({dict((k, v) for k, v in counts.items() if k.startswith('triples_'))})")
+    return out

@@ -1,0 +1,159 @@
+"""PEPR top-K: keplm vs networkx and torch_ppr per seed at equal accuracy, 1 vs 2 actors, and a
+synthetic graph of the SMedBERT KG's size. Prints one JSON line.
+
+Per-seed figures are single-process on this machine, on the same seeds and the same personalisation
+(keplm's P: 1 for the seed, 1/Z elsewhere, normalised) and α. Accuracy = max-abs error against an exact
+solve (CG, float64, tol 1e-11). torch_ppr runs its own power iteration with its default epsilon (1e-4);
+keplm's tolerance is then set to the error torch_ppr reached, so keplm is at least as accurate.
+
+    python benchmarks/bench_pepr.py [--sample 64] [--nx-sample 6] [--scale-seeds 0 (all)] [--synthetic-seeds 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_KG = ROOT.parent / "shared" / "data" / "kg"
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synthetic_graph(n: int, m: int, rel: int, seed: int = 0):
+    """Power-law (Chung-Lu style) heads and tails: a few hubs with thousands of edges, many leaves."""
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, n + 1) ** 0.75
+    w /= w.sum()
+    h = rng.choice(n, m, p=w)
+    t = rng.choice(n, m, p=rng.permutation(w))
+    keep = h != t
+    return h[keep], rng.integers(0, rel, keep.sum()), t[keep]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sample", type=int, default=64, help="seeds for the per-seed keplm / torch_ppr timing")
+    ap.add_argument("--nx-sample", type=int, default=6, help="seeds for networkx (about 0.5 s each)")
+    ap.add_argument("--scale-seeds", type=int, default=0, help="seeds for the 1 vs 2 actors run (0: all entities)")
+    ap.add_argument("--synthetic-seeds", type=int, default=128)
+    ap.add_argument("--alpha", type=float, default=0.15)
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+
+    import networkx as nx
+    import ray
+    import torch
+    from torch_ppr.utils import power_iteration, prepare_page_rank_adjacency
+
+    from keplm.kg.graph import GraphConfig, adjacency_from_triples, build_graph, load_graph
+    from keplm.kg.pepr import PEPRConfig, PEPRSolver, compute_neighbours, personalization
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp())
+    source = "real" if (SHARED_KG / "entities.tsv.gz").is_file() else "demo"
+    build_graph(SHARED_KG if source == "real" else ROOT / "keplm" / "data" / "demo" / "kg", tmp / "g", GraphConfig(), {})
+    g = load_graph(tmp / "g")
+    n, a, alpha = g.num_entities, g.adjacency, args.alpha
+    rng = np.random.default_rng(0)
+    seeds = rng.choice(np.flatnonzero(g.degree > 0), args.sample, replace=False)
+
+    exact = PEPRSolver(a, g.degree, PEPRConfig(alpha=alpha, tol=1e-11)).scores(seeds)
+
+    # torch_ppr: the same P as x0 (its teleport vector), the same α, its default epsilon
+    tri = g.triples.to_pydict()
+    edge_index = torch.tensor([tri["head"], tri["tail"]], dtype=torch.long)
+    adj = prepare_page_rank_adjacency(edge_index=edge_index, num_nodes=n)
+    p = np.full((n, len(seeds)), 1.0 / n, np.float32)
+    p[seeds, np.arange(len(seeds))] = 1.0
+    p /= p.sum(axis=0, keepdims=True)
+    t = time.perf_counter()
+    x_tp = power_iteration(adj=adj, x0=torch.from_numpy(p), alpha=alpha, epsilon=1e-4).numpy()
+    t_tp = (time.perf_counter() - t) / len(seeds)
+    err_tp = float(np.abs(x_tp - exact).max())
+
+    # keplm at torch_ppr's accuracy (float32 needs tol >= 1e-5, else float64)
+    tol = max(err_tp, 1e-12)
+    dtype = "float32" if tol >= 1e-5 else "float64"
+    cfg = PEPRConfig(alpha=alpha, tol=tol, dtype=dtype, batch_size=64)
+    solver = PEPRSolver(a, g.degree, cfg)
+    t = time.perf_counter()
+    x_k = np.concatenate([solver.scores(seeds[i:i + 64]) for i in range(0, len(seeds), 64)], axis=1)
+    t_k = (time.perf_counter() - t) / len(seeds)
+    err_k = float(np.abs(x_k - exact).max())
+    # and keplm at 1e-6 (the networkx test's accuracy), float64
+    s64 = PEPRSolver(a, g.degree, PEPRConfig(alpha=alpha, tol=1e-7, batch_size=64))
+    t = time.perf_counter()
+    x_k64 = np.concatenate([s64.scores(seeds[i:i + 64]) for i in range(0, len(seeds), 64)], axis=1)
+    t_k64 = (time.perf_counter() - t) / len(seeds)
+
+    # networkx, per seed, at its default tolerance
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    graph.add_edges_from(zip(tri["head"], tri["tail"]))
+    t = time.perf_counter()
+    err_nx = 0.0
+    for j, s in enumerate(seeds[: args.nx_sample]):
+        x = nx.pagerank(graph, alpha=1 - alpha, personalization=dict(enumerate(personalization(n, s))))
+        err_nx = max(err_nx, float(np.abs(np.array([x[i] for i in range(n)]) - exact[:, j]).max()))
+    t_nx = (time.perf_counter() - t) / args.nx_sample
+
+    # 1 vs 2 actors on the same seeds, same config
+    ray.init(num_cpus=2, object_store_memory=500 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    scale = rng.choice(n, args.scale_seeds, replace=False) if 0 < args.scale_seeds < n else np.arange(n)
+    walls = {}
+    for actors in (1, 2):
+        c = cfg.model_copy(update={"num_actors": actors, "k_max": 10, "batch_size": 64, "actor_num_cpus": 1.0})
+        t = time.perf_counter()
+        compute_neighbours(g, c, seeds=scale)
+        walls[actors] = time.perf_counter() - t
+    all_wall = walls[2] if len(scale) == n else None  # all-entity top-10 on 2 actors
+    ray.shutdown()
+
+    # SMedBERT-size synthetic graph: ≈275 K entities, ≈4.4 M triples
+    before = rss_mb()
+    t = time.perf_counter()
+    h, r, tl = synthetic_graph(275_000, 4_400_000, 20)
+    sa, _, _, sdeg = adjacency_from_triples(275_000, h, r, tl)
+    t_build = time.perf_counter() - t
+    ssolver = PEPRSolver(sa, sdeg, cfg)
+    sseeds = rng.choice(np.flatnonzero(sdeg > 0), args.synthetic_seeds, replace=False)
+    t = time.perf_counter()
+    for i in range(0, len(sseeds), 64):
+        ssolver.scores(sseeds[i:i + 64])
+    t_syn = (time.perf_counter() - t) / len(sseeds)
+    syn_peak = rss_mb() - before
+
+    print(json.dumps({
+        "bench": "pepr", "data": source, "entities": n, "edges": int(a.nnz // 2), "alpha": alpha,
+        "sample_seeds": len(seeds),
+        "torch_ppr_ms_per_seed": round(t_tp * 1e3, 2), "torch_ppr_max_abs_err": err_tp,
+        "keplm_tol": tol, "keplm_dtype": dtype,
+        "keplm_ms_per_seed": round(t_k * 1e3, 2), "keplm_max_abs_err": err_k,
+        "keplm_float64_tol1e-7_ms_per_seed": round(t_k64 * 1e3, 2),
+        "keplm_float64_max_abs_err": float(np.abs(x_k64 - exact).max()),
+        "networkx_ms_per_seed": round(t_nx * 1e3, 1), "networkx_max_abs_err": err_nx,
+        "speedup_vs_networkx": round(t_nx / t_k, 1), "target_speedup_vs_networkx": 100,
+        "speedup_vs_torch_ppr": round(t_tp / t_k, 2), "target_speedup_vs_torch_ppr": 2.5,
+        "scale_seeds": len(scale), "wall_s_1_actor": round(walls[1], 2), "wall_s_2_actors": round(walls[2], 2),
+        "speedup_1_to_2_actors": round(walls[1] / walls[2], 2), "target_speedup_1_to_2": 1.8,
+        "all_entities_top10_wall_s_2_actors": None if all_wall is None else round(all_wall, 1),
+        "synthetic_entities": 275_000, "synthetic_edges": int(sa.nnz // 2), "synthetic_build_s": round(t_build, 1),
+        "synthetic_ms_per_seed": round(t_syn * 1e3, 1),
+        "synthetic_all_entities_est_s_2_cores": round(t_syn * 275_000 / 2),
+        "synthetic_all_entities_est_s_16_cores": round(t_syn * 275_000 / 16),
+        "synthetic_peak_rss_mb": round(syn_peak), "target_synthetic_s_16_cores": 300,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""`keplm kg build|neighbours|embed`: KG ingestion, PEPR top-K neighbours, TransR/TransE embeddings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from keplm import config as keplm_config
+from keplm.jobs.common import add_common_args, module_main
+from keplm.platform.ray_session import connect
+
+
+def _dump(cfg, *sections: str) -> dict:
+    full = keplm_config.dump(cfg)
+    return {s: full[s] for s in sections}
+
+
+def build(args: argparse.Namespace) -> int:
+    from keplm.kg.graph import build_graph
+
+    cfg = keplm_config.load(args.config, list(args.overrides))
+    counts = build_graph(args.kg, args.output, cfg.graph, _dump(cfg, "graph"), corpus_dir=args.corpus)
+    print(json.dumps({"job": "kg build", "output": args.output, "counts": counts}, ensure_ascii=False))
+    return 0
+
+
+def neighbours(args: argparse.Namespace) -> int:
+    from keplm.kg.pepr import run_neighbours
+
+    cfg = keplm_config.load(args.config, list(args.overrides))
+    connect(cfg.ray, args.address)
+    counts = run_neighbours(args.graph, args.output, cfg.pepr, _dump(cfg, "pepr"))
+    print(json.dumps({"job": "kg neighbours", "output": args.output, "counts": counts}, ensure_ascii=False))
+    return 0
+
+
+def embed(args: argparse.Namespace) -> int:
+    from keplm.kg.embed import run_embed
+
+    overrides = list(args.overrides) + ([f"embed.model={args.model}"] if args.model else [])
+    cfg = keplm_config.load(args.config, overrides)
+    connect(cfg.ray, args.address)
+    counts = run_embed(args.graph, args.output, cfg.embed, _dump(cfg, "embed"), cfg.tracking)
+    print(json.dumps({"job": "kg embed", "output": args.output, "counts": counts}, ensure_ascii=False))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kg", help="KG stage: build the graph, PEPR neighbours, TransR/TransE embeddings")
+    kg_sub = p.add_subparsers(dest="kg_job", required=True, metavar="STEP")
+    b = kg_sub.add_parser("build", help="KG TSVs -> id tables + PPR adjacency (GRAPH_DIR)")
+    add_common_args(b)
+    b.add_argument("--kg", required=True, help="KG directory (entities.tsv, triples.tsv, aliases.tsv)")
+    b.add_argument("--corpus", help="a keplm prepare output: adds corpus entity frequencies (PEPR eq. 1)")
+    b.set_defaults(func=build)
+    n = kg_sub.add_parser("neighbours", help="PEPR top-K neighbours of every (linked) entity")
+    add_common_args(n)
+    n.add_argument("--graph", required=True, help="a keplm kg build output")
+    n.set_defaults(func=neighbours)
+    e = kg_sub.add_parser("embed", help="TransR / TransE embeddings with PyKEEN")
+    add_common_args(e)
+    e.add_argument("--graph", required=True, help="a keplm kg build output")
+    e.add_argument("--model", choices=["transr", "transe"], help="overrides embed.model")
+    e.set_defaults(func=embed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return module_main(register, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

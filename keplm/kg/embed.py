@@ -1,0 +1,168 @@
+"""`keplm kg embed`: TransR / TransE KG embeddings with PyKEEN's own pipeline, as a Ray task.
+
+TransR (Lin et al. 2015; SMedBERT's Γent, Γrel and projection matrices M_r, d2 = 200) scores a triple
+by ``-||h·M_r + r - t·M_r||``; TransE (KeBioLM: dim 100, L2) by ``-||h + r - t||``. The kept triples of
+``kg build`` are split train/validation/test (PyKEEN's split keeps every entity in train); the test split
+gives filtered MRR and Hits@1/3/10 (both sides, realistic ranks), logged to the manifest and to MLflow.
+
+Output (schema version 1)::
+
+    embeddings.safetensors   entity_emb (Z, d) float32 — row i is entity id i of entities.parquet
+                             relation_emb (R, d_r) float32 — row j is relation id j of relations.parquet
+                             relation_proj (R, d, d_r) float32 — TransR only: h·M_r is h @ relation_proj[j]
+    entities.parquet, relations.parquet   copied from the graph (the id order above)
+    manifest.json            counts: triples_train/valid/test, evaluated_test_triples, mrr, hits_at_1/3/10,
+                             random_hits_at_10 (what a random ranking would score), epochs, seconds, device
+
+Entities in no triple (isolated) keep their random initial embedding (counted: ``isolated_entities``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from keplm.kg.graph import Graph, load_graph
+from keplm.platform.config import Section
+from keplm.platform.errors import KeplmError
+from keplm.platform.manifest import hash_inputs, write_manifest
+from keplm.platform.tracking import TrackingConfig, log_run
+
+log = logging.getLogger(__name__)
+
+EMBED_SCHEMA_VERSION = 1
+DEFAULT_DIMS = {"transr": (200, 200), "transe": (100, 100)}
+
+
+class EmbedConfig(Section):
+    model: Literal["transr", "transe"] = "transr"
+    dim: int | None = Field(None, ge=1, description="entity dim; default 200 (TransR, SMedBERT d2) / 100 (TransE)")
+    relation_dim: int | None = Field(None, ge=1, description="TransR relation space; default 200")
+    norm: int = Field(2, ge=1, le=2, description="p of the distance (L2 as KeBioLM)")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(2048, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    negatives_per_positive: int = Field(1, ge=1)
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    eval_max_triples: int | None = Field(5000, ge=1, description="rank at most this many test triples")
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def _dims(cfg: EmbedConfig) -> tuple[int, int]:
+    d, dr = DEFAULT_DIMS[cfg.model]
+    return cfg.dim or d, (cfg.relation_dim or cfg.dim or dr) if cfg.model == "transr" else (cfg.dim or d)
+
+
+def train_embeddings(mapped: np.ndarray, entity_names: list[str], relation_names: list[str], cfg: EmbedConfig) -> dict:
+    """PyKEEN pipeline on id triples (N x 3, our ids) -> arrays + metrics. Runs where it is called."""
+    import torch
+    from pykeen.pipeline import pipeline
+    from pykeen.triples import TriplesFactory
+
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    tf = TriplesFactory(
+        mapped_triples=torch.as_tensor(mapped, dtype=torch.long),
+        entity_to_id={n: i for i, n in enumerate(entity_names)},
+        relation_to_id={n: i for i, n in enumerate(relation_names)},
+        num_entities=len(entity_names), num_relations=len(relation_names),
+    )
+    train, valid, test = tf.split(list(cfg.split), random_state=cfg.seed)
+    evaluated = test
+    if cfg.eval_max_triples and test.num_triples > cfg.eval_max_triples:
+        g = torch.Generator().manual_seed(cfg.seed)
+        keep = torch.randperm(test.num_triples, generator=g)[: cfg.eval_max_triples]
+        evaluated = test.clone_and_exchange_triples(test.mapped_triples[keep])
+    dim, rdim = _dims(cfg)
+    model_kwargs = {"embedding_dim": dim, "scoring_fct_norm": cfg.norm}
+    if cfg.model == "transr":
+        model_kwargs["relation_dim"] = rdim
+    t = time.perf_counter()
+    result = pipeline(
+        training=train, validation=valid, testing=evaluated,
+        model="TransR" if cfg.model == "transr" else "TransE", model_kwargs=model_kwargs,
+        optimizer="Adam", optimizer_kwargs={"lr": cfg.lr},
+        negative_sampler="basic", negative_sampler_kwargs={"num_negs_per_pos": cfg.negatives_per_positive},
+        training_kwargs={"num_epochs": cfg.epochs, "batch_size": cfg.batch_size, "use_tqdm": False},
+        evaluation_kwargs={"use_tqdm": False},
+        random_seed=cfg.seed, device=device, use_tqdm=False,
+    )
+    seconds = time.perf_counter() - t
+    model = result.model.eval()
+    with torch.no_grad():
+        arrays = {
+            "entity_emb": model.entity_representations[0](indices=None).detach().float().cpu().numpy(),
+            "relation_emb": model.relation_representations[0](indices=None).detach().float().cpu().numpy(),
+        }
+        if cfg.model == "transr":
+            arrays["relation_proj"] = model.relation_representations[1](indices=None).detach().float().cpu().numpy()
+    mr = result.metric_results
+    metrics = {
+        "mrr": float(mr.get_metric("both.realistic.inverse_harmonic_mean_rank")),
+        **{f"hits_at_{k}": float(mr.get_metric(f"both.realistic.hits_at_{k}")) for k in (1, 3, 10)},
+    }
+    counts = {
+        "triples_train": train.num_triples, "triples_valid": valid.num_triples, "triples_test": test.num_triples,
+        "evaluated_test_triples": evaluated.num_triples, "epochs": cfg.epochs, "seconds": round(seconds, 2),
+        "device": device, "final_loss": float(result.losses[-1]) if result.losses else None,
+    }
+    return {"arrays": arrays, "metrics": metrics, "counts": counts}
+
+
+def save_embeddings(arrays: dict[str, np.ndarray], out_dir: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    path = out_dir / "embeddings.safetensors"
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(path))
+    return path
+
+
+def load_embeddings(embed_dir: str | Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    path = Path(embed_dir) / "embeddings.safetensors"
+    if not path.is_file():
+        raise KeplmError(f"{embed_dir}: no embeddings.safetensors (run keplm kg embed)")
+    return load_file(str(path))
+
+
+def run_embed(graph_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, config_dump: dict,
+              tracking: TrackingConfig | None = None) -> dict:
+    """Train on a Ray task (a GPU one when the cluster has GPUs and device allows); Ray must be connected."""
+    import ray
+
+    graph: Graph = load_graph(graph_dir)
+    if graph.triples.num_rows < 10:
+        raise KeplmError(f"{graph_dir}: {graph.triples.num_rows} triples are too few to split and train on")
+    mapped = np.stack([graph.triples.column(c).to_numpy() for c in ("head", "relation", "tail")], axis=1)
+    names = graph.entities.column("name").to_pylist()
+    rel_names = graph.relations.column("name").to_pylist()
+    gpus = 1 if cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    if cfg.device == "cuda" and not gpus:
+        raise KeplmError("embed.device=cuda but the Ray cluster has no GPU")
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(train_embeddings)
+    result = ray.get(task.remote(mapped, names, rel_names, cfg))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_embeddings(result["arrays"], out)
+    for name in ("entities.parquet", "relations.parquet"):
+        shutil.copy(Path(graph_dir) / name, out / name)
+    dim, rdim = _dims(cfg)
+    counts = {
+        **result["counts"], **result["metrics"],
+        "random_hits_at_10": min(1.0, 10 / graph.num_entities),
+        "entities": graph.num_entities, "relations": graph.relations.num_rows,
+        "isolated_entities": int((graph.degree == 0).sum()), "dim": dim, "relation_dim": rdim,
+    }
+    write_manifest(out, "kg_embed", EMBED_SCHEMA_VERSION, config_dump, hash_inputs([str(graph_dir)]), counts)
+    if tracking is not None:
+        log_run(tracking, f"kg-embed-{cfg.model}", config_dump,
+                {f"kg_embed.{k}": v for k, v in result["metrics"].items()}, tags={"keplm.job": "kg_embed"})
+    return counts

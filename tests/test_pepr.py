@@ -1,0 +1,148 @@
+"""PEPR (SMedBERT §3.2): the math against networkx, top-K ranking, and the Ray actor pool job."""
+
+import networkx as nx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DEMO, need_shared
+from keplm.kg.graph import GraphConfig, adjacency_from_triples, build_graph, load_graph
+from keplm.kg.pepr import (PEPRConfig, PEPRSolver, compute_neighbours, initial_vector, personalization,
+                           run_neighbours, top_k_neighbours)
+from keplm.platform.config import load_config
+from keplm.platform.errors import ConfigError
+
+
+def random_kg(seed, n=80, m=260, isolated=4):
+    rng = np.random.default_rng(seed)
+    h, t = rng.integers(0, n - isolated, m), rng.integers(0, n - isolated, m)
+    keep = h != t
+    h, t = h[keep], t[keep]
+    r = rng.integers(0, 4, len(h))
+    return n, h, r, t
+
+
+def networkx_pepr(n, h, t, seed, v0, alpha):
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from(zip(h.tolist(), t.tolist()))
+    p = personalization(n, seed)
+    x = nx.pagerank(g, alpha=1 - alpha, personalization=dict(enumerate(p)), nstart=dict(enumerate(v0)),
+                    tol=1e-15, max_iter=100_000)
+    return np.array([x[i] for i in range(n)])
+
+
+def test_personalization_and_initial_vector_follow_eq1():
+    p = personalization(4, 2)
+    np.testing.assert_allclose(p, np.array([0.25, 0.25, 1.0, 0.25]) / 1.75)
+    freq = np.array([3, 0, 1, 0])
+    v = initial_vector(freq, num_samples=10, n=4)  # seen: t/T = 3/4, 1/4; unseen: 1/M = 1/10
+    np.testing.assert_allclose(v, np.array([0.75, 0.1, 0.25, 0.1]) / 1.2)
+    np.testing.assert_allclose(initial_vector(None, None, 4), 0.25)
+
+
+@pytest.mark.parametrize("method", ["cg", "power"])
+@pytest.mark.parametrize("graph_seed,alpha", [(0, 0.15), (1, 0.3), (2, 0.05)])
+def test_scores_equal_networkx_pagerank(method, graph_seed, alpha):
+    n, h, r, t = random_kg(graph_seed)
+    a, er, ei, deg = adjacency_from_triples(n, h, r, t)
+    assert (deg == 0).sum() >= 4  # dangling (isolated) entities are part of the check
+    freq = np.random.default_rng(graph_seed).integers(0, 4, n)
+    v0 = initial_vector(freq, 50, n)
+    solver = PEPRSolver(a, deg, PEPRConfig(method=method, alpha=alpha, tol=1e-9), v0=v0)
+    seeds = np.array([0, 5, 17, n - 1])  # n-1 is isolated
+    x = solver.scores(seeds)
+    for j, s in enumerate(seeds):
+        ref = networkx_pepr(n, h, t, s, v0, alpha)
+        assert np.abs(x[:, j] - ref).max() < 1e-6
+        np.testing.assert_allclose(x[:, j].sum(), 1.0, atol=1e-9)
+        # the top-K list: the direct neighbours ranked by networkx's scores (ties by id)
+        table = top_k_neighbours(a, er, ei, np.array([s]), x[:, [j]], k_max=10).to_pydict()
+        cand = a.indices[a.indptr[s]:a.indptr[s + 1]]
+        expect = sorted(cand.tolist(), key=lambda e: (-round(ref[e], 9), e))[:10]
+        assert table["neighbour"] == expect
+        assert table["rank"] == list(range(len(expect)))
+
+
+def test_tolerance_bounds_the_error():
+    n, h, r, t = random_kg(3, n=200, m=900)
+    a, _, _, deg = adjacency_from_triples(n, h, r, t)
+    seeds = np.arange(0, 50, 7)
+    exact = PEPRSolver(a, deg, PEPRConfig(tol=1e-12)).scores(seeds)
+    for method in ("cg", "power"):
+        for tol in (1e-3, 1e-5):
+            solver = PEPRSolver(a, deg, PEPRConfig(method=method, tol=tol))
+            assert np.abs(solver.scores(seeds) - exact).max() <= tol
+    # CG needs fewer sparse products than the power iteration for the same bound
+    cg, pw = PEPRSolver(a, deg, PEPRConfig(method="cg", tol=1e-8)), PEPRSolver(a, deg, PEPRConfig(method="power", tol=1e-8))
+    cg.scores(seeds), pw.scores(seeds)
+    assert cg.iterations[-1] < pw.iterations[-1]
+
+
+def test_top_k_prefix_truncation_and_relation_choice():
+    # a star: entity 0 joined to 1..40; 0-1 also by a second triple with another relation
+    h = np.r_[np.zeros(40, int), 1]
+    t = np.r_[np.arange(1, 41), 0]
+    r = np.r_[np.zeros(40, int), 1]
+    a, er, ei, deg = adjacency_from_triples(42, h, r, t)  # 41 is isolated
+    solver = PEPRSolver(a, deg, PEPRConfig(tol=1e-10))
+    seeds = np.array([0, 1, 41])
+    x = solver.scores(seeds)
+    full = top_k_neighbours(a, er, ei, seeds, x, k_max=30).to_pandas()
+    k5 = top_k_neighbours(a, er, ei, seeds, x, k_max=5).to_pandas()
+    star = full[full.entity == 0]
+    assert len(star) == 30  # 40 candidates, truncated to k_max
+    assert (star["score"].diff().dropna() <= 0).all()
+    assert k5[k5.entity == 0].reset_index(drop=True).equals(star.head(5).reset_index(drop=True))
+    assert (full.entity == 41).sum() == 0  # no neighbours: no rows
+    one = full[full.entity == 1].iloc[0]
+    assert (one.neighbour, one.relation, bool(one.inverse)) == (0, 0, True)  # first triple (0, r0, 1)
+
+
+def test_float32_needs_a_loose_tolerance():
+    with pytest.raises(ConfigError, match="pepr"):
+        from keplm.config import KeplmConfig
+
+        load_config(KeplmConfig, None, ["pepr.dtype=float32", "pepr.tol=1e-8"])
+
+
+def test_actor_pool_matches_in_process_solver(ray_local, tmp_path):
+    build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
+    cfg = PEPRConfig(num_actors=2, batch_size=64, k_max=10, tol=1e-9, actor_num_cpus=0.5)
+    counts = run_neighbours(tmp_path / "g", tmp_path / "nb", cfg, {"pepr": cfg.model_dump()})
+    got = pq.read_table(tmp_path / "nb" / "neighbours.parquet").to_pandas()
+    g = load_graph(tmp_path / "g")
+    seeds = np.arange(g.num_entities)
+    ref = top_k_neighbours(g.adjacency, g.edge_relation, g.edge_inverse, seeds,
+                           PEPRSolver(g.adjacency, g.degree, cfg).scores(seeds), cfg.k_max).to_pandas()
+    assert got[["entity", "rank", "neighbour", "relation", "inverse"]].equals(ref[["entity", "rank", "neighbour", "relation", "inverse"]])
+    np.testing.assert_allclose(got["score"], ref["score"], atol=1e-9)
+    assert counts["seeds"] == g.num_entities and counts["blocks"] == 8
+    assert counts["seeds_without_neighbours"] == int((g.degree == 0).sum()) > 0
+    assert counts["rows"] == int(np.minimum(g.degree, 10).sum())
+    assert (tmp_path / "nb" / "entities.parquet").is_file() and (tmp_path / "nb" / "relations.parquet").is_file()
+
+
+def test_linked_seeds_and_frequency_start(ray_local, tmp_path, demo_prepared):
+    build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {}, corpus_dir=demo_prepared)
+    g = load_graph(tmp_path / "g")
+    cfg = PEPRConfig(num_actors=1, method="power", tol=1e-8, actor_num_cpus=0.5)
+    table, counts = compute_neighbours(g, cfg, num_samples=100)
+    linked = set(np.flatnonzero(g.freq > 0).tolist())
+    assert counts["seeds"] == len(linked) and set(table.column("entity").to_pylist()) <= linked
+
+
+@pytest.mark.slow
+def test_real_kg_neighbours(ray_local, tmp_path):
+    kg = need_shared("kg")
+    build_graph(kg, tmp_path / "g", GraphConfig(), {})
+    g = load_graph(tmp_path / "g")
+    seeds = np.random.default_rng(0).choice(g.num_entities, 512, replace=False)
+    cfg = PEPRConfig(num_actors=2, batch_size=128, k_max=30, dtype="float32", tol=1e-5, actor_num_cpus=0.5)
+    table, counts = compute_neighbours(g, cfg, seeds=seeds)
+    exact = PEPRSolver(g.adjacency, g.degree, PEPRConfig(tol=1e-9)).scores(seeds[:16])
+    ref = top_k_neighbours(g.adjacency, g.edge_relation, g.edge_inverse, seeds[:16], exact, 30).to_pandas()
+    got = table.to_pandas().set_index(["entity", "rank"])
+    merged = ref.join(got, on=["entity", "rank"], rsuffix="_got")
+    assert np.abs(merged["score"] - merged["score_got"]).max() <= 1e-5
+    assert counts["rows"] == int(np.minimum(g.degree[seeds], 30).sum())
