@@ -146,3 +146,26 @@ def test_real_kg_neighbours(ray_local, tmp_path):
     merged = ref.join(got, on=["entity", "rank"], rsuffix="_got")
     assert np.abs(merged["score"] - merged["score_got"]).max() <= 1e-5
     assert counts["rows"] == int(np.minimum(g.degree[seeds], 30).sum())
+
+
+def test_demo_chain_on_the_command_line(ray_local, tmp_path, demo_prepared):
+    """kg build (KG from the config) -> kg neighbours joining the running Ray with --address."""
+    import json
+    import subprocess
+    import sys
+
+    address = ray_local.get_runtime_context().gcs_address
+    base = [sys.executable, "-m", "keplm.jobs.kg"]
+    r = subprocess.run(base + ["build", "--config", "configs/demo.yaml", "--corpus", str(demo_prepared),
+                               "--output", str(tmp_path / "g")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    built = json.loads(r.stdout.strip().splitlines()[-1])["counts"]
+    assert built["entities_linked_in_corpus"] > 100
+    r = subprocess.run(base + ["neighbours", "--config", "configs/demo.yaml", "--graph", str(tmp_path / "g"),
+                               "--output", str(tmp_path / "nb"), "--address", address, "pepr.actor_num_cpus=0.3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    counts = json.loads(r.stdout.strip().splitlines()[-1])["counts"]
+    assert counts["seeds"] == built["entities_linked_in_corpus"]  # seeds=auto: the linked entities
+    nb = pq.read_table(tmp_path / "nb" / "neighbours.parquet")
+    assert nb.num_rows == counts["rows"] and max(nb.column("rank").to_pylist()) < 30

@@ -19,8 +19,15 @@ def _dump(cfg, *sections: str) -> dict:
 def build(args: argparse.Namespace) -> int:
     from keplm.kg.graph import build_graph
 
+    from keplm.platform.config import resolve_path
+    from keplm.platform.errors import KeplmError
+
     cfg = keplm_config.load(args.config, list(args.overrides))
-    counts = build_graph(args.kg, args.output, cfg.graph, _dump(cfg, "graph"), corpus_dir=args.corpus)
+    kg = args.kg or cfg.prepare.kg  # default: the KG the corpus was prepared with
+    if not kg:
+        raise KeplmError("kg build: no KG given (--kg DIR or prepare.kg in the config)")
+    counts = build_graph(resolve_path(kg), args.output, cfg.graph, _dump(cfg, "graph") | {"kg": str(kg)},
+                         corpus_dir=args.corpus)
     print(json.dumps({"job": "kg build", "output": args.output, "counts": counts}, ensure_ascii=False))
     return 0
 
@@ -51,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kg_sub = p.add_subparsers(dest="kg_job", required=True, metavar="STEP")
     b = kg_sub.add_parser("build", help="KG TSVs -> id tables + PPR adjacency (GRAPH_DIR)")
     add_common_args(b)
-    b.add_argument("--kg", required=True, help="KG directory (entities.tsv, triples.tsv, aliases.tsv)")
+    b.add_argument("--kg", help="KG directory (entities.tsv, triples.tsv, aliases.tsv); default prepare.kg")
     b.add_argument("--corpus", help="a keplm prepare output: adds corpus entity frequencies (PEPR eq. 1)")
     b.set_defaults(func=build)
     n = kg_sub.add_parser("neighbours", help="PEPR top-K neighbours of every (linked) entity")
