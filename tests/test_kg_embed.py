@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import need_shared
-from keplm.kg.embed import EmbedConfig, load_embeddings, run_embed
+from keplm.kg.embed import load_embeddings, run_embed
 from keplm.kg.graph import GraphConfig, build_graph, load_graph
 
 

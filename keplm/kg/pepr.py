@@ -255,10 +255,7 @@ class PEPRWorker:
     """One actor: holds the graph (zero-copy numpy views of the object store) and solves seed blocks."""
 
     def __init__(self, indptr, indices, data, edge_relation, edge_inverse, degree, v0, g, cfg: PEPRConfig):
-        import os
-
-        # one core per actor: BLAS threads would fight the other actors
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        # scipy's sparse x dense product is single-threaded: one actor per core
         n = len(indptr) - 1
         self.a = sp.csr_matrix((data, indices, indptr), shape=(n, n), copy=False)
         self.edge_relation, self.edge_inverse = edge_relation, edge_inverse
