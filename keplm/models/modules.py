@@ -1,0 +1,83 @@
+"""Building blocks shared by keplm's models: the BERT trunk with a hook between layers, span pooling,
+and the MLM + SOP objective (L_EX of SMedBERT eq. 22)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.bert.modeling_bert import BertModel, BertPreTrainingHeads
+
+
+def run_bert(bert: BertModel, input_ids, attention_mask, token_type_ids,
+             after_layer: int | None = None, hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """BERT's embeddings + encoder layers, calling ``hook(hidden)`` after layer ``after_layer`` (1-based)."""
+    h = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+    mask = create_bidirectional_mask(config=bert.config, inputs_embeds=h, attention_mask=attention_mask)
+    for i, layer in enumerate(bert.encoder.layer, start=1):
+        h = layer(h, mask)
+        if hook is not None and i == after_layer:
+            h = hook(h)
+    return h
+
+
+def gather_spans(hidden: torch.Tensor, spans: torch.Tensor, span_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (B, T, D), spans (B, M, 2) token [start, end) -> tokens (B, M, L, D) and their mask (B, M, L)."""
+    lengths = (spans[..., 1] - spans[..., 0]).clamp(min=0) * span_mask
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    offs = torch.arange(width, device=hidden.device)
+    idx = spans[..., :1] + offs                                    # (B, M, L)
+    tok_mask = (offs < lengths[..., None]) & span_mask[..., None]
+    idx = torch.where(tok_mask, idx, torch.zeros_like(idx))
+    b, m, ln = idx.shape
+    gathered = torch.gather(hidden, 1, idx.reshape(b, m * ln, 1).expand(-1, -1, hidden.size(-1)))
+    return gathered.reshape(b, m, ln, -1), tok_mask
+
+
+class SelfAttentivePooling(nn.Module):
+    """f_sp (Lin et al. 2017, one head): a = softmax(w2 · tanh(W1 h_i)) over the span, pooled = Σ a_i h_i."""
+
+    def __init__(self, dim: int, attn_dim: int | None = None):
+        super().__init__()
+        self.proj = nn.Linear(dim, attn_dim or dim)
+        self.score = nn.Linear(attn_dim or dim, 1, bias=False)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s = self.score(torch.tanh(self.proj(tokens))).squeeze(-1)       # (B, M, L)
+        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+        a = torch.softmax(s, dim=-1) * mask                              # all-masked spans pool to 0
+        return torch.einsum("bml,bmld->bmd", a, tokens)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over the unmasked entries; rows with nothing unmasked give all zeros (not NaN)."""
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=dim) * mask
+
+
+class PreTrainingHeadsMixin:
+    """MLM (tied to the word embeddings) + SOP on the pooled [CLS]; L_EX = MLM + SOP."""
+
+    def ex_loss(self, sequence: torch.Tensor, labels: torch.Tensor | None, sop_label: torch.Tensor | None):
+        mlm_logits, sop_logits = self.cls(sequence, self.bert.pooler(sequence))
+        mlm = sop = None
+        if labels is not None and (labels != -100).any():
+            mlm = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+        if sop_label is not None and (sop_label != -100).any():
+            sop = F.cross_entropy(sop_logits.float(), sop_label, ignore_index=-100)
+        return mlm_logits, sop_logits, mlm, sop
+
+
+def make_heads(config) -> BertPreTrainingHeads:
+    return BertPreTrainingHeads(config)
+
+
+def add_losses(*terms: tuple[float, torch.Tensor | None]) -> torch.Tensor | None:
+    total = None
+    for weight, value in terms:
+        if value is not None and weight:
+            total = weight * value if total is None else total + weight * value
+    return total

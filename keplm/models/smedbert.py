@@ -1,0 +1,269 @@
+"""SMedBERT (Zhang et al., ACL 2021, ../shared/seeds/000_7fb5b7ab240cd2e1.txt §3) as a transformers model.
+
+One file, config beside model. Notation follows the paper: d1 = ``hidden_size``, d2 = ``kg_dim``;
+Γent / Γrel / M_r are the TransR tensors of ``keplm kg embed`` (``entity_emb``, ``relation_emb``,
+``relation_proj``), σ is GELU.
+
+- Mention-neighbour hybrid attention (§3.3) after encoder layer ``hybrid_layer`` (paper: 10 of 12;
+  clipped to the model's depth): eq. 2 span representation, eq. 3 type attention (softmax over the types
+  present among the mention's neighbours), eq. 4-5 node attention scaled by the neighbour's type weight,
+  eq. 6-7 aggregation + FFN + LN, eq. 8-11 gated position infusion into the mention's own tokens only
+  (footnote 4). Non-mention tokens, and mentions without neighbours, pass through bit-identical.
+- Masked Neighbor Modeling (§3.4.1) on the encoder output: eq. 12 h_mf; the compatibility of eq. 19 via
+  the per-relation MP_r = [M_r; h_r][M_r; h_r]ᵀ of eq. 18 (precomputed from the KG tensors each forward,
+  one (d2+1)² matrix per relation), scaled by µ and corrected by −c·log Q(e). Eq. 19 is garbled in the PDF
+  ("µ−µ logQ"): we take c = 1 (``mnem_logq_scale``), the correction of the cited sampled softmax (Jean et
+  al. 2015: exp(s)/Q); c = µ, the other reading, over-corrects (exp(µs)/Q^µ) and leaves a loss floor
+  whenever a negative is rarer than the positive. Sampled softmax of eq. 15 with the K·E_Q[·] term
+  estimated from the N sampled negatives.
+  A neighbour whose triple is (neighbour, r, mention) uses the inverse relation (M_r, −h_r): TransR's
+  h·M_r + r = t·M_r is the same as t·M_r − r = h·M_r.
+- Masked Mention Modeling (§3.4.2): eq. 20 Y_m from the backbone's own input word embeddings Γp of the
+  original (unmasked) tokens, through the same f_sp, W_sa and LN as eq. 12, as a fixed target
+  (no gradient); eq. 21 Σ_m ||h_mf − Y_m||² per sample, averaged over samples.
+- Loss (eq. 22): L_EX (MLM + SOP) + λ1·MNeM + λ2·MMeM, each term returned separately.
+- Ablations (Table 4): ``use_type_attention=False`` (α_τ ≡ 1, no W_t/W_t'/W_a), ``use_hybrid_attention=False``
+  (no §3.3 module at all), ``use_knowledge_loss=False`` (no MNeM/MMeM, no W_sa/f_sp of §3.4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
+
+from keplm.models.modules import (PreTrainingHeadsMixin, SelfAttentivePooling, add_losses, gather_spans,
+                                  make_heads, masked_softmax, run_bert)
+
+
+class SMedBertConfig(BertConfig):
+    model_type = "smedbert"
+
+    def __init__(self, num_entities: int = 1, num_relations: int = 1, num_entity_types: int = 1, kg_dim: int = 200,
+                 kg_relation_dim: int | None = None, hybrid_layer: int = 10, mu: float = 10.0,
+                 lambda_mnem: float = 2.0, lambda_mmem: float = 4.0, use_type_attention: bool = True,
+                 use_hybrid_attention: bool = True, use_knowledge_loss: bool = True, kg_trainable: bool = False,
+                 mnem_logq_scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_entities = num_entities
+        self.num_relations = num_relations
+        self.num_entity_types = num_entity_types
+        self.kg_dim = kg_dim
+        self.kg_relation_dim = kg_relation_dim or kg_dim
+        self.hybrid_layer = hybrid_layer
+        self.mu = mu
+        self.lambda_mnem = lambda_mnem
+        self.lambda_mmem = lambda_mmem
+        self.use_type_attention = use_type_attention
+        self.use_hybrid_attention = use_hybrid_attention
+        self.use_knowledge_loss = use_knowledge_loss
+        self.kg_trainable = kg_trainable
+        self.mnem_logq_scale = mnem_logq_scale
+
+
+@dataclass
+class KnowledgePreTrainingOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    sop_loss: torch.Tensor | None = None
+    mnem_loss: torch.Tensor | None = None
+    mmem_loss: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+    sop_logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class KGTensors(nn.Module):
+    """Γent, Γrel and M_r; frozen unless ``kg_trainable``. Filled by ``load_kg`` (ids = entities.parquet)."""
+
+    def __init__(self, config: SMedBertConfig):
+        super().__init__()
+        d, dr = config.kg_dim, config.kg_relation_dim
+        self.entity = nn.Parameter(torch.zeros(config.num_entities, d), requires_grad=config.kg_trainable)
+        self.relation = nn.Parameter(torch.zeros(config.num_relations, dr), requires_grad=config.kg_trainable)
+        self.proj = nn.Parameter(torch.zeros(config.num_relations, d, dr), requires_grad=config.kg_trainable)
+
+    def mp(self) -> torch.Tensor:
+        """MP_r of eq. 18 for r and its inverse (r + R): (2R, d+1, d+1)."""
+        stacked = torch.cat([torch.cat([self.proj, self.relation[:, None, :]], dim=1),
+                             torch.cat([self.proj, -self.relation[:, None, :]], dim=1)], dim=0)  # (2R, d+1, dr)
+        return stacked @ stacked.transpose(1, 2)
+
+
+def transr_compat_direct(h_mf, rel, proj, h_e, mu):
+    """eq. 16 as written: cos(h_mf·M_r + h_r, h_e·M_r) · µ."""
+    a = h_mf @ proj + rel
+    b = h_e @ proj
+    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1) * mu
+
+
+def transr_compat_mp(h_mf, mp, h_e, mu):
+    """eq. 19 without its log Q term: ([h_mf 1]·MP_r)·[h_e 0]ᵀ / (||[h_mf 1]·MP_r|| · ||h_e||) · µ.
+
+    h_mf (..., d), mp (..., d+1, d+1) matching h_mf's leading dims, h_e (..., N, d) -> (..., N).
+    """
+    u = torch.einsum("...i,...ij->...j", torch.cat([h_mf, torch.ones_like(h_mf[..., :1])], -1), mp)[..., :-1]
+    return torch.einsum("...d,...nd->...n", F.normalize(u, dim=-1), F.normalize(h_e, dim=-1)) * mu
+
+
+class HybridAttention(nn.Module):
+    """§3.3: type attention (eq. 3), node attention (eq. 4-5), aggregation (6-7), gated infusion (8-11)."""
+
+    def __init__(self, config: SMedBertConfig):
+        super().__init__()
+        d1, d2 = config.hidden_size, config.kg_dim
+        self.pool = SelfAttentivePooling(d1)
+        self.w_be = nn.Linear(d1, d2, bias=False)
+        self.ln_be = nn.LayerNorm(d2)
+        self.use_type_attention = config.use_type_attention
+        if config.use_type_attention:
+            self.w_t = nn.Linear(d2, d2, bias=False)
+            self.w_t2 = nn.Linear(d2, d2, bias=False)
+            self.w_a = nn.Linear(d2, 1, bias=False)
+        self.w_q = nn.Linear(d2, d2, bias=False)
+        self.w_k = nn.Linear(d2, d2, bias=False)
+        self.w_v = nn.Linear(d2, d2)
+        self.w_l1 = nn.Linear(d2, 4 * d2)
+        self.w_l2 = nn.Linear(4 * d2, d2, bias=False)
+        self.ln_agg = nn.LayerNorm(d2)
+        self.w_mf = nn.Linear(2 * d2, 2 * d2)
+        self.w_bp = nn.Linear(2 * d2, d1)
+        self.ln_bp = nn.LayerNorm(d1)
+        self.w_ug = nn.Linear(2 * d1, d1)
+        self.w_ex = nn.Linear(2 * d1, d1)
+        self.num_types = config.num_entity_types
+        self.last_type_weights: torch.Tensor | None = None
+        self.last_node_weights: torch.Tensor | None = None
+
+    def type_weights(self, h_m, h_nb, nb_type, nb_mask):
+        """eq. 3: α_τ over the types present among each mention's neighbours -> (B, M, types)."""
+        onehot = F.one_hot(nb_type.clamp(min=0), self.num_types).to(h_nb.dtype) * nb_mask[..., None]
+        h_tau = torch.einsum("bmkt,bmkd->bmtd", onehot, h_nb)                  # Σ of Γent per type
+        present = onehot.sum(2) > 0
+        score = self.w_a(torch.tanh(self.w_t(h_m)[:, :, None] + self.w_t2(h_tau))).squeeze(-1)
+        return masked_softmax(score, present)
+
+    def forward(self, hidden, spans, span_mask, nb_emb, nb_type, nb_mask):
+        tokens, tok_mask = gather_spans(hidden, spans, span_mask)
+        h_m = self.ln_be(F.gelu(self.w_be(self.pool(tokens, tok_mask))))                # eq. 2 (B, M, d2)
+        scale = 1.0
+        if self.use_type_attention:
+            alpha = self.type_weights(h_m, nb_emb, nb_type, nb_mask)
+            self.last_type_weights = alpha
+            scale = torch.gather(alpha, 2, nb_type.clamp(min=0))                        # α_τ of each neighbour
+        d2 = h_m.size(-1)
+        logits = torch.einsum("bmd,bmkd->bmk", self.w_q(h_m), self.w_k(nb_emb)) / math.sqrt(d2) * scale  # eq. 4
+        beta = masked_softmax(logits, nb_mask)                                          # eq. 5
+        self.last_node_weights = beta
+        agg = torch.einsum("bmk,bmkd->bmd", beta, self.w_v(nb_emb))                     # eq. 6
+        agg = self.ln_agg(agg + self.w_l2(F.gelu(self.w_l1(agg))))                      # eq. 7
+        h_mf = F.gelu(self.w_mf(torch.cat([agg, h_m], -1)))                             # eq. 8
+        h_k = self.ln_bp(self.w_bp(h_mf))                                               # eq. 9 (B, M, d1)
+
+        # eq. 10-11 on the tokens of mentions that have neighbours; every other token is left as it is
+        active = span_mask & nb_mask.any(-1)
+        b, t = hidden.shape[:2]
+        pos = torch.arange(t, device=hidden.device)
+        inside = (pos[None, None] >= spans[..., :1]) & (pos[None, None] < spans[..., 1:]) & active[..., None]  # (B, M, T)
+        covered = inside.any(1)
+        owner = inside.float().argmax(1)                                                # the one mention (no overlaps)
+        h_tok = torch.gather(h_k, 1, owner[..., None].expand(-1, -1, h_k.size(-1)))     # (B, T, d1)
+        g = torch.tanh(self.w_ug(torch.cat([hidden, h_tok], -1)))                       # eq. 10
+        fused = F.gelu(self.w_ex(torch.cat([hidden, g * h_tok], -1))) + hidden          # eq. 11
+        return torch.where(covered[..., None], fused, hidden)
+
+
+class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
+    config_class = SMedBertConfig
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: SMedBertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = make_heads(config)
+        self.kg = KGTensors(config)
+        self.hybrid = HybridAttention(config) if config.use_hybrid_attention else None
+        if config.use_knowledge_loss:
+            self.ctx_pool = SelfAttentivePooling(config.hidden_size)      # f_sp of eq. 12 / 20
+            self.w_sa = nn.Linear(config.hidden_size, config.kg_dim, bias=False)
+            self.ln_sa = nn.LayerNorm(config.kg_dim)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    @torch.no_grad()
+    def load_kg(self, entity_emb, relation_emb, relation_proj) -> None:
+        """Copy the TransR tensors of ``keplm kg embed`` (row i = entity/relation id i)."""
+        for param, value in ((self.kg.entity, entity_emb), (self.kg.relation, relation_emb), (self.kg.proj, relation_proj)):
+            value = torch.as_tensor(value, dtype=param.dtype)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"KG tensor shape {tuple(value.shape)} != model's {tuple(param.shape)}")
+            param.copy_(value)
+
+    def _mention_repr(self, hidden, spans, span_mask):
+        """eq. 12 / eq. 20: LN(σ(f_sp(span tokens)·W_sa))."""
+        tokens, tok_mask = gather_spans(hidden, spans, span_mask)
+        return self.ln_sa(F.gelu(self.w_sa(self.ctx_pool(tokens, tok_mask))))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, sop_label=None,
+                mention_spans=None, mention_mask=None, neighbour_ids=None, neighbour_relation=None,
+                neighbour_type=None, neighbour_mask=None, negative_ids=None, log_q_pos=None, log_q_neg=None,
+                **_) -> KnowledgePreTrainingOutput:
+        cfg = self.config
+        has_mentions = mention_spans is not None and mention_mask is not None and bool(mention_mask.any())
+        hook = None
+        if self.hybrid is not None and has_mentions:
+            nb_emb = self.kg.entity[neighbour_ids.clamp(min=0)] * neighbour_mask[..., None]
+
+            def hook(h):
+                return self.hybrid(h, mention_spans, mention_mask, nb_emb, neighbour_type, neighbour_mask)
+
+        seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids,
+                       after_layer=min(cfg.hybrid_layer, cfg.num_hidden_layers), hook=hook)
+        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label)
+
+        mnem = mmem = None
+        if cfg.use_knowledge_loss and has_mentions:
+            h_mf = self._mention_repr(seq, mention_spans, mention_mask)                  # (B, M, d2)
+            if neighbour_mask is not None and negative_ids is not None and bool(neighbour_mask.any()):
+                mnem = self.mnem_loss(h_mf, neighbour_ids, neighbour_relation, neighbour_mask,
+                                      negative_ids, log_q_pos, log_q_neg)
+            # Y_m from the original tokens' input embeddings (labels hold the original id where masked)
+            original = torch.where(labels >= 0, labels, input_ids) if labels is not None else input_ids
+            with torch.no_grad():
+                y = self._mention_repr(self.bert.embeddings.word_embeddings(original), mention_spans, mention_mask)
+            per_mention = ((h_mf - y) ** 2).sum(-1) * mention_mask                      # eq. 21
+            mmem = per_mention.sum(1).mean()
+
+        loss = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_mnem, mnem), (cfg.lambda_mmem, mmem))
+        return KnowledgePreTrainingOutput(loss=loss, mlm_loss=mlm, sop_loss=sop, mnem_loss=mnem, mmem_loss=mmem,
+                                          mlm_logits=mlm_logits, sop_logits=sop_logits, last_hidden_state=seq)
+
+    def mnem_loss(self, h_mf, nb_ids, nb_rel, nb_mask, neg_ids, log_q_pos, log_q_neg):
+        """eq. 15 with eq. 19's logits: −log(e^{f(θ)} / (e^{f(θ)} + K·mean_n e^{f(θ'_n)})), mean over positives."""
+        mu = self.config.mu
+        mp = self.kg.mp()[nb_rel.clamp(min=0)]                                          # (B, M, K, d+1, d+1)
+        h = h_mf[:, :, None].expand(-1, -1, nb_ids.size(2), -1)                          # (B, M, K, d2)
+        pos = transr_compat_mp(h, mp, self.kg.entity[nb_ids.clamp(min=0)][..., None, :], mu)[..., 0]
+        neg = transr_compat_mp(h, mp, self.kg.entity[neg_ids.clamp(min=0)], mu)          # (B, M, K, N)
+        c = self.config.mnem_logq_scale
+        pos = pos - c * log_q_pos
+        neg = neg - c * log_q_neg
+        k = nb_mask.sum(-1, keepdim=True).clamp(min=1).to(pos.dtype)                    # K per mention
+        log_denominator = torch.logaddexp(pos, torch.logsumexp(neg, -1) + torch.log(k / neg.size(-1)))
+        nll = (log_denominator - pos) * nb_mask
+        return nll.sum() / nb_mask.sum().clamp(min=1)

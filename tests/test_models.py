@@ -1,0 +1,234 @@
+"""SMedBERT and the baselines: the equations, the ablations, gradients, save/reload, overfitting one batch."""
+
+import copy
+
+import pytest
+import torch
+
+from keplm.models import KeplmBertConfig, KeplmBertForPreTraining, SMedBertConfig, SMedBertForPreTraining
+from keplm.models.smedbert import HybridAttention, KGTensors, transr_compat_direct, transr_compat_mp
+
+Z, R, TYPES, D2, V = 30, 3, 4, 8, 60
+TINY = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64)
+
+
+def smedbert_config(**kw):
+    return SMedBertConfig(**TINY, num_entities=Z, num_relations=R, num_entity_types=TYPES, kg_dim=D2, **kw)
+
+
+def make_batch(seed=0, b=2, t=16, m=3, k=4, n=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (b, t), generator=g)
+    labels = torch.full((b, t), -100)
+    labels[:, 3] = ids[:, 3]
+    labels[:, 9] = ids[:, 9]
+    ids[:, 3] = 4  # [MASK]
+    attn = torch.ones(b, t, dtype=torch.long)
+    attn[1, -3:] = 0
+    spans = torch.tensor([[[1, 3], [5, 8], [0, 0]], [[2, 4], [10, 11], [0, 0]]])
+    mmask = torch.tensor([[True, True, False], [True, True, False]])
+    nmask = torch.ones(b, m, k, dtype=torch.bool)
+    nmask[0, 1, 2:] = False   # a mention with fewer neighbours
+    nmask[1, 1] = False       # a mention with none
+    nmask[:, 2] = False
+    log_q = torch.log_softmax(torch.randn(Z, generator=g), 0)  # one Q over entities, as the collator's
+    nb_ids, neg_ids = torch.randint(0, Z, (b, m, k), generator=g), torch.randint(0, Z, (b, m, k, n), generator=g)
+    token_entity = torch.full((b, t), -1)
+    token_entity[0, 1:3], token_entity[1, 2:4] = 7, 11
+    return dict(
+        input_ids=ids, attention_mask=attn, token_type_ids=torch.zeros(b, t, dtype=torch.long), labels=labels,
+        sop_label=torch.tensor([0, 1]), mention_spans=spans, mention_mask=mmask,
+        neighbour_ids=nb_ids, neighbour_relation=torch.randint(0, 2 * R, (b, m, k), generator=g),
+        neighbour_type=torch.randint(0, TYPES, (b, m, k), generator=g), neighbour_mask=nmask,
+        negative_ids=neg_ids, log_q_pos=log_q[nb_ids], log_q_neg=log_q[neg_ids],
+        token_entity=token_entity,
+    )
+
+
+def kg_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = SMedBertForPreTraining(cfg)
+    g = torch.Generator().manual_seed(1)
+    model.load_kg(torch.randn(Z, D2, generator=g), torch.randn(R, D2, generator=g), torch.randn(R, D2, D2, generator=g) / 3)
+    return model
+
+
+def test_eq17_fs_is_mu_exactly_when_the_transr_score_is_zero():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(D2, 6, generator=g)
+    h, t = torch.randn(D2, generator=g), torch.randn(D2, generator=g)
+    t = t / (t @ m).norm()                 # ||t·M_r|| = 1
+    r = t @ m - h @ m                      # f_tr(h, r, t) = ||h·M_r + r − t·M_r|| = 0, ||h·M_r + r|| = 1
+    assert torch.allclose(transr_compat_direct(h, r, m, t, mu=10.0), torch.tensor(10.0), atol=1e-5)
+    off = transr_compat_direct(h, r + 0.3 * torch.randn(6, generator=g), m, t, mu=10.0)
+    assert off < 10.0 - 1e-3               # any other relation vector scores below µ
+
+
+def test_eq18_rewrite_equals_the_direct_product():
+    kg = KGTensors(smedbert_config())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        kg.relation.copy_(torch.randn(R, D2, generator=g))
+        kg.proj.copy_(torch.randn(R, D2, D2, generator=g))
+    mp = kg.mp()
+    h, e = torch.randn(D2, generator=g), torch.randn(D2, generator=g)
+    for r in range(R):
+        m, rv = kg.proj[r], kg.relation[r]
+        direct = (h @ m + rv) @ (e @ m)
+        rewrite = torch.cat([h, torch.ones(1)]) @ mp[r] @ torch.cat([e, torch.zeros(1)])
+        assert torch.allclose(direct, rewrite, rtol=1e-5, atol=1e-4)
+        inverse = torch.cat([h, torch.ones(1)]) @ mp[r + R] @ torch.cat([e, torch.zeros(1)])
+        assert torch.allclose((h @ m - rv) @ (e @ m), inverse, rtol=1e-5, atol=1e-4)
+        # eq. 19's normalised form, as the model computes it
+        u = torch.cat([h, torch.ones(1)]) @ mp[r]
+        expect = direct / (u[:-1].norm() * e.norm()) * 10.0
+        assert torch.allclose(transr_compat_mp(h, mp[r], e[None], 10.0)[0], expect, rtol=1e-4)
+
+
+def test_attention_weights_sum_to_one_and_respect_padding():
+    model = kg_model(smedbert_config()).eval()
+    batch = make_batch()
+    model(**batch)
+    beta = model.hybrid.last_node_weights            # (B, M, K)
+    alpha = model.hybrid.last_type_weights           # (B, M, TYPES)
+    nmask = batch["neighbour_mask"]
+    has = nmask.any(-1) & batch["mention_mask"]
+    assert torch.allclose(beta.sum(-1)[has], torch.ones(int(has.sum())), atol=1e-6)
+    assert (beta[~nmask] == 0).all() and (beta.sum(-1)[~has] == 0).all()
+    present = torch.zeros_like(alpha, dtype=torch.bool)
+    for i, j, k in zip(*torch.nonzero(nmask, as_tuple=True)):
+        present[i, j, batch["neighbour_type"][i, j, k]] = True
+    assert torch.allclose(alpha.sum(-1)[has], torch.ones(int(has.sum())), atol=1e-6)
+    assert (alpha[~present] == 0).all()              # softmax only over the types present
+
+
+def test_gated_infusion_leaves_non_mention_tokens_bit_identical():
+    cfg = smedbert_config()
+    torch.manual_seed(0)
+    hybrid = HybridAttention(cfg)
+    batch = make_batch()
+    hidden = torch.randn(2, 16, cfg.hidden_size)
+    nb = torch.randn(2, 3, 4, D2) * batch["neighbour_mask"][..., None]
+    out = hybrid(hidden, batch["mention_spans"], batch["mention_mask"], nb, batch["neighbour_type"], batch["neighbour_mask"])
+    touched = torch.zeros(2, 16, dtype=torch.bool)
+    touched[0, 1:3] = touched[0, 5:8] = touched[1, 2:4] = True  # sample 1's 2nd mention has no neighbours
+    assert torch.equal(out[~touched], hidden[~touched])
+    assert (out[touched] != hidden[touched]).any(-1).all()
+
+
+def param_names(model):
+    return {n for n, _ in model.named_parameters()}
+
+
+def test_each_ablation_removes_exactly_its_parameters_and_losses():
+    full = kg_model(smedbert_config())
+    batch = make_batch()
+    out = full(**batch)
+    assert all(x is not None for x in (out.mlm_loss, out.sop_loss, out.mnem_loss, out.mmem_loss))
+    no_type = kg_model(smedbert_config(use_type_attention=False))
+    assert param_names(full) - param_names(no_type) == {f"hybrid.{w}.weight" for w in ("w_t", "w_t2", "w_a")}
+    assert no_type.hybrid.last_type_weights is None and no_type(**batch).mnem_loss is not None
+    no_hybrid = kg_model(smedbert_config(use_hybrid_attention=False))
+    removed = param_names(full) - param_names(no_hybrid)
+    assert removed == {n for n in param_names(full) if n.startswith("hybrid.")}
+    no_loss = kg_model(smedbert_config(use_knowledge_loss=False))
+    assert param_names(full) - param_names(no_loss) == {n for n in param_names(full) if n.split(".")[0] in ("ctx_pool", "w_sa", "ln_sa")}
+    o = no_loss(**batch)
+    assert o.mnem_loss is None and o.mmem_loss is None
+    assert torch.allclose(o.loss, o.mlm_loss + o.sop_loss)
+    # the full loss is eq. 22 with the configured λ
+    assert torch.allclose(out.loss, out.mlm_loss + out.sop_loss + 2.0 * out.mnem_loss + 4.0 * out.mmem_loss)
+
+
+@pytest.mark.parametrize("kind", ["smedbert", "ernie"])
+def test_gradients_reach_every_new_parameter(kind):
+    batch = make_batch()
+    if kind == "smedbert":
+        model = kg_model(smedbert_config(kg_trainable=True))
+        new = ("hybrid.", "ctx_pool.", "w_sa.", "ln_sa.", "kg.")
+    else:
+        model = KeplmBertForPreTraining(KeplmBertConfig(**TINY, entity_fusion=True, fusion_layer=1, num_entities=Z, entity_dim=D2))
+        with torch.no_grad():
+            model.entity_emb.normal_()
+        new = ("fusion.",)
+    model(**batch).loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith(new):
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_frozen_kg_gets_no_gradient():
+    model = kg_model(smedbert_config())
+    model(**make_batch()).loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.kg.parameters())
+
+
+@pytest.mark.parametrize("kind", ["smedbert", "mlm", "ernie"])
+def test_save_pretrained_then_from_pretrained_gives_identical_outputs(tmp_path, kind):
+    from transformers import AutoConfig, AutoModelForPreTraining
+
+    if kind == "smedbert":
+        model = kg_model(smedbert_config())
+    else:
+        model = KeplmBertForPreTraining(KeplmBertConfig(**TINY, entity_fusion=kind == "ernie", fusion_layer=1,
+                                                        num_entities=Z, entity_dim=D2))
+        if kind == "ernie":
+            model.load_kg(torch.randn(Z, D2))
+    model.eval()
+    batch = make_batch()
+    with torch.no_grad():
+        before = model(**batch)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == model.config.model_type
+    again = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
+    assert type(again) is type(model)
+    with torch.no_grad():
+        after = again(**batch)
+    for key in ("loss", "mlm_logits", "sop_logits", "last_hidden_state"):
+        assert torch.equal(before[key], after[key]), key
+
+
+@pytest.mark.parametrize("kind", ["smedbert", "mlm", "wem", "ernie"])
+def test_one_batch_overfits(kind):
+    torch.manual_seed(0)
+    batch = make_batch()
+    if kind == "wem":  # the same network fed whole-entity-masked batches from the collator
+        from keplm.models.data import KnowledgeCollator
+
+        rows = [{"input_ids": [1, *range(10, 30), 2], "mentions": [{"token_start": 2, "token_end": 5, "entity": 3}]},
+                {"input_ids": [1, *range(30, 50), 2], "mentions": [{"token_start": 6, "token_end": 8, "entity": 4}]}]
+        batch = KnowledgeCollator(1, 2, 4, 0, V, whole_entity_masking=True, mask_rate=0.2, seed=0)(rows)
+        assert (batch["labels"][0, 2:5] >= 0).all()
+    if kind == "smedbert":
+        # trainable KG: with a frozen random KG one mention vector cannot fit all its neighbours (MNeM keeps
+        # a floor near 2 while the total still falls by ~93 %); trainable, every term can be fitted
+        model = kg_model(smedbert_config(kg_trainable=True))
+    else:
+        model = KeplmBertForPreTraining(KeplmBertConfig(**TINY, entity_fusion=kind == "ernie", fusion_layer=1,
+                                                        num_entities=Z, entity_dim=D2))
+        if kind == "ernie":
+            model.load_kg(torch.randn(Z, D2))
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.train()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(200):
+        out = model(**batch)
+        first = first if first is not None else out
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.loss.item() < 0.1 * first.loss.item(), (kind, first.loss.item(), out.loss.item())
+    if kind == "smedbert":
+        for term in ("mlm_loss", "mnem_loss", "mmem_loss"):
+            assert out[term].item() < 0.1 * first[term].item(), term
+
+
+def test_copy_of_config_keeps_defaults_of_the_paper():
+    cfg = copy.deepcopy(SMedBertConfig())
+    assert (cfg.kg_dim, cfg.mu, cfg.lambda_mnem, cfg.lambda_mmem, cfg.hybrid_layer) == (200, 10.0, 2.0, 4.0, 10)
