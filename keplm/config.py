@@ -14,6 +14,7 @@ from keplm.kg.embed import EmbedConfig
 from keplm.kg.graph import GraphConfig
 from keplm.kg.pepr import PEPRConfig
 from keplm.kg.prepare import PrepareConfig
+from keplm.models.setup import BatchConfig, ModelConfig
 from keplm.platform.config import Section, dump_config, load_config
 from keplm.platform.ray_session import RayConfig
 from keplm.platform.tracking import TrackingConfig
@@ -26,6 +27,8 @@ class KeplmConfig(Section):
     graph: GraphConfig = Field(default_factory=GraphConfig)
     pepr: PEPRConfig = Field(default_factory=PEPRConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    batches: BatchConfig = Field(default_factory=BatchConfig)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> KeplmConfig:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from keplm.models.data import KnowledgeCollator, KnowledgeIndex
+from keplm.models.data import KnowledgeCollator, KnowledgeIndex, read_shards
 
 CLS, SEP, MASK, PAD, V = 1, 2, 3, 0, 100
 
@@ -127,7 +127,6 @@ def test_collated_demo_batch_feeds_smedbert(demo_prepared, tmp_path, ray_local):
     from keplm.kg.graph import GraphConfig, build_graph
     from keplm.kg.pepr import PEPRConfig, run_neighbours
     from keplm.models import SMedBertConfig, SMedBertForPreTraining
-    from keplm.models.data import read_shards
     from keplm.platform.tokenizer import load_tokenizer
     from conftest import DEMO
 
@@ -152,3 +151,57 @@ def test_collated_demo_batch_feeds_smedbert(demo_prepared, tmp_path, ray_local):
 def test_corruption_rate_is_configurable(rate):
     b = collator(mask_rate=rate, sop=False, knowledge=None, max_seq_len=256)([row(n=200, mentions=())])
     assert int((b["labels"] >= 0).sum()) == round(rate * 200)
+
+
+@pytest.mark.parametrize("kind", ["smedbert", "mlm", "wem", "ernie"])
+def test_setup_from_config_and_stage_outputs(kind, demo_prepared, tmp_path_factory, ray_local):
+    from keplm import config
+    from keplm.kg.embed import run_embed
+    from keplm.kg.graph import GraphConfig, build_graph
+    from keplm.kg.pepr import PEPRConfig, run_neighbours
+    from keplm.models.setup import build_pretraining_setup
+    from conftest import DEMO
+
+    root = tmp_path_factory.getbasetemp() / "setup_stages"
+    if not (root / "transr" / "manifest.json").is_file():
+        build_graph(DEMO / "kg", root / "g", GraphConfig(), {}, corpus_dir=demo_prepared)
+        run_neighbours(root / "g", root / "nb", PEPRConfig(num_actors=1, actor_num_cpus=0.5), {})
+        c = config.load(None, ["embed.dim=16", "embed.relation_dim=8", "embed.epochs=1", "embed.batch_size=512"])
+        run_embed(root / "g", root / "transr", c.embed, {})
+    tiny = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+            "model.intermediate_size=64", "model.max_position_embeddings=128", "batches.k=5", "batches.num_negatives=3"]
+    cfg = config.load(None, [f"model.kind={kind}", *tiny])
+    setup = build_pretraining_setup(cfg.model, cfg.batches, demo_prepared, root / "nb", root / "transr")
+    assert setup.collator.whole_entity_masking == (kind in ("smedbert", "wem"))
+    assert setup.model.config.model_type == ("smedbert" if kind == "smedbert" else "keplm_bert")
+    if kind == "smedbert":
+        assert setup.model.config.kg_dim == 16 and setup.model.config.kg_relation_dim == 8
+    batch = setup.collator(read_shards(demo_prepared, 4))
+    out = setup.model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+def test_setup_starts_the_backbone_from_a_local_checkpoint(demo_prepared, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from keplm import config
+    from keplm.models.setup import build_pretraining_setup
+    from keplm.platform.errors import KeplmError
+    from keplm.platform.tokenizer import load_tokenizer
+
+    vocab = len(load_tokenizer(str(demo_prepared / "tokenizer")))
+    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(tmp_path / "ckpt")
+    cfg = config.load(None, ["model.kind=mlm", f"model.init={tmp_path / 'ckpt'}"])
+    setup = build_pretraining_setup(cfg.model, cfg.batches, demo_prepared)
+    ref = BertModel.from_pretrained(tmp_path / "ckpt")
+    assert setup.model.config.hidden_size == 32
+    assert torch.equal(setup.model.bert.encoder.layer[1].output.dense.weight, ref.encoder.layer[1].output.dense.weight)
+    BertModel(BertConfig(vocab_size=vocab + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "other")
+    with pytest.raises(KeplmError, match="vocab_size"):
+        build_pretraining_setup(config.load(None, ["model.kind=mlm", f"model.init={tmp_path / 'other'}"]).model,
+                                cfg.batches, demo_prepared)
+    with pytest.raises(KeplmError, match="needs --neighbours"):
+        build_pretraining_setup(config.load(None, ["model.kind=smedbert"]).model, cfg.batches, demo_prepared)

@@ -1,0 +1,135 @@
+"""Assemble a pretraining setup — model + collator — from config and the stage outputs.
+
+``model.kind``: ``smedbert`` (needs ``neighbours`` from ``kg neighbours`` and TransR ``embeddings`` from
+``kg embed``), ``mlm`` (plain MLM + SOP), ``wem`` (the same network, whole-entity masking), ``ernie``
+(entity fusion; needs entity ``embeddings``, TransE in the papers). The backbone starts from random
+init, or from a local BERT checkpoint directory (``model.init``; never a hub name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from keplm.models.baselines import KeplmBertConfig, KeplmBertForPreTraining
+from keplm.models.data import KnowledgeCollator, KnowledgeIndex
+from keplm.models.smedbert import SMedBertConfig, SMedBertForPreTraining
+from keplm.platform.config import Section, resolve_path
+from keplm.platform.errors import KeplmError
+from keplm.platform.tokenizer import load_tokenizer
+
+
+class ModelConfig(Section):
+    kind: Literal["smedbert", "mlm", "wem", "ernie"] = "smedbert"
+    init: str | None = Field(None, description="local BERT checkpoint dir for the backbone; unset: random init")
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    hybrid_layer: int = Field(10, ge=1, description="SMedBERT: hybrid attention after this encoder layer")
+    fusion_layer: int = Field(10, ge=1, description="ERNIE baseline: fusion after this encoder layer")
+    mu: float = 10.0
+    lambda_mnem: float = 2.0
+    lambda_mmem: float = 4.0
+    mnem_logq_scale: float = 1.0
+    use_type_attention: bool = True
+    use_hybrid_attention: bool = True
+    use_knowledge_loss: bool = True
+    kg_trainable: bool = False
+
+
+class BatchConfig(Section):
+    k: int = Field(10, ge=1, description="neighbours per mention (a prefix of pepr.k_max)")
+    mask_rate: float = Field(0.15, gt=0, lt=1)
+    whole_entity_masking: bool | None = Field(None, description="unset: on for smedbert and wem")
+    max_mentions: int = Field(32, ge=1)
+    num_negatives: int = Field(10, ge=1)
+    max_seq_len: int = Field(512, ge=8)
+    sop: bool = True
+    seed: int = 0
+
+
+@dataclass
+class PretrainingSetup:
+    model: SMedBertForPreTraining | KeplmBertForPreTraining
+    collator: KnowledgeCollator
+    tokenizer: object
+    knowledge: KnowledgeIndex | None
+
+
+def _backbone_kwargs(cfg: ModelConfig, vocab_size: int) -> dict:
+    kw = dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+              num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+              max_position_embeddings=cfg.max_position_embeddings)
+    if cfg.init:
+        from transformers import BertConfig
+
+        base = BertConfig.from_pretrained(str(resolve_path(cfg.init)), local_files_only=True).to_dict()
+        kw.update({k: base[k] for k in kw if k in base})
+        if base.get("vocab_size") != vocab_size:
+            raise KeplmError(f"model.init {cfg.init} has vocab_size {base.get('vocab_size')}, the corpus tokenizer "
+                             f"{vocab_size}; prepare with that checkpoint's vocab (prepare.tokenizer)")
+    return kw
+
+
+def build_pretraining_setup(cfg: ModelConfig, batches: BatchConfig, prepare_dir: str | Path,
+                            neighbours_dir: str | Path | None = None, embed_dir: str | Path | None = None) -> PretrainingSetup:
+    from keplm.kg.embed import load_embeddings
+
+    tok = load_tokenizer(str(Path(prepare_dir) / "tokenizer"))
+    vocab = len(tok)
+    kw = _backbone_kwargs(cfg, vocab)
+    knowledge = None
+    if cfg.kind == "smedbert":
+        if neighbours_dir is None or embed_dir is None:
+            raise KeplmError("model.kind=smedbert needs --neighbours (kg neighbours) and --embeddings (kg embed, TransR)")
+        knowledge = KnowledgeIndex.load(neighbours_dir)
+        arrays = load_embeddings(embed_dir)
+        if "relation_proj" not in arrays:
+            raise KeplmError(f"{embed_dir}: SMedBERT needs TransR embeddings (relation_proj); got TransE")
+        ent, rel, proj = arrays["entity_emb"], arrays["relation_emb"], arrays["relation_proj"]
+        if ent.shape[0] != knowledge.num_entities or rel.shape[0] != knowledge.num_relations:
+            raise KeplmError(f"{embed_dir} ({ent.shape[0]} entities, {rel.shape[0]} relations) and {neighbours_dir} "
+                             f"({knowledge.num_entities}, {knowledge.num_relations}) come from different graphs")
+        config = SMedBertConfig(**kw, num_entities=ent.shape[0], num_relations=rel.shape[0],
+                                num_entity_types=len(knowledge.type_names), kg_dim=ent.shape[1], kg_relation_dim=rel.shape[1],
+                                hybrid_layer=cfg.hybrid_layer, mu=cfg.mu, lambda_mnem=cfg.lambda_mnem,
+                                lambda_mmem=cfg.lambda_mmem, mnem_logq_scale=cfg.mnem_logq_scale,
+                                use_type_attention=cfg.use_type_attention, use_hybrid_attention=cfg.use_hybrid_attention,
+                                use_knowledge_loss=cfg.use_knowledge_loss, kg_trainable=cfg.kg_trainable)
+        config._attn_implementation = cfg.attn_implementation
+        model = SMedBertForPreTraining(config)
+        model.load_kg(ent, rel, proj)
+    else:
+        fusion = cfg.kind == "ernie"
+        ent = None
+        if fusion:
+            if embed_dir is None:
+                raise KeplmError("model.kind=ernie needs --embeddings (kg embed: entity_emb)")
+            ent = load_embeddings(embed_dir)["entity_emb"]
+        config = KeplmBertConfig(**kw, entity_fusion=fusion, fusion_layer=cfg.fusion_layer,
+                                 num_entities=ent.shape[0] if fusion else 1, entity_dim=ent.shape[1] if fusion else 1,
+                                 kg_trainable=cfg.kg_trainable)
+        config._attn_implementation = cfg.attn_implementation
+        model = KeplmBertForPreTraining(config)
+        if fusion:
+            model.load_kg(ent)
+    if cfg.init:
+        from transformers import BertModel
+
+        backbone = BertModel.from_pretrained(str(resolve_path(cfg.init)), local_files_only=True)
+        missing, unexpected = model.bert.load_state_dict(backbone.state_dict(), strict=False)
+        if unexpected or [m for m in missing if not m.startswith("pooler")]:
+            raise KeplmError(f"model.init {cfg.init}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wem = batches.whole_entity_masking if batches.whole_entity_masking is not None else cfg.kind in ("smedbert", "wem")
+    collator = KnowledgeCollator(
+        tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id, vocab, knowledge=knowledge,
+        mask_rate=batches.mask_rate, whole_entity_masking=wem, k=batches.k, max_mentions=batches.max_mentions,
+        num_negatives=batches.num_negatives, max_seq_len=min(batches.max_seq_len, kw["max_position_embeddings"]),
+        sop=batches.sop, special_ids=tuple(tok.all_special_ids), seed=batches.seed)
+    return PretrainingSetup(model, collator, tok, knowledge)
