@@ -36,7 +36,7 @@ class ModelConfig(Section):
     mu: float = 10.0
     lambda_mnem: float = 2.0
     lambda_mmem: float = 4.0
-    mnem_logq_scale: float = 1.0
+    mnem_logq_scale: float | None = Field(None, description="c of −c·log Q in eq. 19; unset: µ (as printed)")
     use_type_attention: bool = True
     use_hybrid_attention: bool = True
     use_knowledge_loss: bool = True

@@ -11,11 +11,11 @@ One file, config beside model. Notation follows the paper: d1 = ``hidden_size``,
   (footnote 4). Non-mention tokens, and mentions without neighbours, pass through bit-identical.
 - Masked Neighbor Modeling (§3.4.1) on the encoder output: eq. 12 h_mf; the compatibility of eq. 19 via
   the per-relation MP_r = [M_r; h_r][M_r; h_r]ᵀ of eq. 18 (precomputed from the KG tensors each forward,
-  one (d2+1)² matrix per relation), scaled by µ and corrected by −c·log Q(e). Eq. 19 is garbled in the PDF
-  ("µ−µ logQ"): we take c = 1 (``mnem_logq_scale``), the correction of the cited sampled softmax (Jean et
-  al. 2015: exp(s)/Q); c = µ, the other reading, over-corrects (exp(µs)/Q^µ) and leaves a loss floor
-  whenever a negative is rarer than the positive. Sampled softmax of eq. 15 with the K·E_Q[·] term
-  estimated from the N sampled negatives.
+  one (d2+1)² matrix per relation), scaled by µ and corrected by −c·log Q(e). Eq. 19 as printed
+  ("µ−µ logQ") gives c = µ, the default (``mnem_logq_scale`` unset). Note that this is exp(µs)/Q^µ, a
+  stronger correction than the cited sampled softmax's exp(s)/Q (Jean et al. 2015; ``mnem_logq_scale=1``):
+  a negative much rarer than the positive then puts a floor under the loss that no cosine can lift.
+  Sampled softmax of eq. 15 with the K·E_Q[·] term estimated from the N sampled negatives.
   A neighbour whose triple is (neighbour, r, mention) uses the inverse relation (M_r, −h_r): TransR's
   h·M_r + r = t·M_r is the same as t·M_r − r = h·M_r.
 - Masked Mention Modeling (§3.4.2): eq. 20 Y_m from the backbone's own input word embeddings Γp of the
@@ -49,7 +49,7 @@ class SMedBertConfig(BertConfig):
                  kg_relation_dim: int | None = None, hybrid_layer: int = 10, mu: float = 10.0,
                  lambda_mnem: float = 2.0, lambda_mmem: float = 4.0, use_type_attention: bool = True,
                  use_hybrid_attention: bool = True, use_knowledge_loss: bool = True, kg_trainable: bool = False,
-                 mnem_logq_scale: float = 1.0, **kwargs):
+                 mnem_logq_scale: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.num_entities = num_entities
         self.num_relations = num_relations
@@ -260,7 +260,7 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
         h = h_mf[:, :, None].expand(-1, -1, nb_ids.size(2), -1)                          # (B, M, K, d2)
         pos = transr_compat_mp(h, mp, self.kg.entity[nb_ids.clamp(min=0)][..., None, :], mu)[..., 0]
         neg = transr_compat_mp(h, mp, self.kg.entity[neg_ids.clamp(min=0)], mu)          # (B, M, K, N)
-        c = self.config.mnem_logq_scale
+        c = mu if self.config.mnem_logq_scale is None else self.config.mnem_logq_scale
         pos = pos - c * log_q_pos
         neg = neg - c * log_q_neg
         k = nb_mask.sum(-1, keepdim=True).clamp(min=1).to(pos.dtype)                    # K per mention
