@@ -17,6 +17,7 @@ from keplm.kg.prepare import PrepareConfig
 from keplm.models.setup import BatchConfig, ModelConfig
 from keplm.platform.config import Section, dump_config, load_config
 from keplm.platform.ray_session import RayConfig
+from keplm.platform.train_loop import TrainConfig
 from keplm.platform.tracking import TrackingConfig
 
 
@@ -29,6 +30,7 @@ class KeplmConfig(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     batches: BatchConfig = Field(default_factory=BatchConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> KeplmConfig:

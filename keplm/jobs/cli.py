@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from keplm import __version__
-from keplm.jobs import kg, prepare, vocab
+from keplm.jobs import kg, prepare, pretrain, vocab
 from keplm.jobs.common import run_job
 
-JOBS = [prepare, vocab, kg]
+JOBS = [pretrain, prepare, vocab, kg]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,18 +78,23 @@ def _backbone_kwargs(cfg: ModelConfig, vocab_size: int) -> dict:
 
 
 def build_pretraining_setup(cfg: ModelConfig, batches: BatchConfig, prepare_dir: str | Path,
-                            neighbours_dir: str | Path | None = None, embed_dir: str | Path | None = None) -> PretrainingSetup:
+                            neighbours_dir: str | Path | None = None, embed_dir: str | Path | None = None,
+                            arrays: dict | None = None, knowledge: KnowledgeIndex | None = None) -> PretrainingSetup:
+    """``arrays`` / ``knowledge``: already loaded KG tensors / neighbour index (Ray workers get them from
+    the object store, once per node) instead of reading ``embed_dir`` / ``neighbours_dir``."""
     from keplm.kg.embed import load_embeddings
+
+    def embeddings():
+        return arrays if arrays is not None else load_embeddings(embed_dir)
 
     tok = load_tokenizer(str(Path(prepare_dir) / "tokenizer"))
     vocab = len(tok)
     kw = _backbone_kwargs(cfg, vocab)
-    knowledge = None
     if cfg.kind == "smedbert":
-        if neighbours_dir is None or embed_dir is None:
+        if (neighbours_dir is None and knowledge is None) or (embed_dir is None and arrays is None):
             raise KeplmError("model.kind=smedbert needs --neighbours (kg neighbours) and --embeddings (kg embed, TransR)")
-        knowledge = KnowledgeIndex.load(neighbours_dir)
-        arrays = load_embeddings(embed_dir)
+        knowledge = knowledge or KnowledgeIndex.load(neighbours_dir)
+        arrays = embeddings()
         if "relation_proj" not in arrays:
             raise KeplmError(f"{embed_dir}: SMedBERT needs TransR embeddings (relation_proj); got TransE")
         ent, rel, proj = arrays["entity_emb"], arrays["relation_emb"], arrays["relation_proj"]
@@ -106,12 +111,13 @@ def build_pretraining_setup(cfg: ModelConfig, batches: BatchConfig, prepare_dir:
         model = SMedBertForPreTraining(config)
         model.load_kg(ent, rel, proj)
     else:
+        knowledge = None
         fusion = cfg.kind == "ernie"
         ent = None
         if fusion:
-            if embed_dir is None:
+            if embed_dir is None and arrays is None:
                 raise KeplmError("model.kind=ernie needs --embeddings (kg embed: entity_emb)")
-            ent = load_embeddings(embed_dir)["entity_emb"]
+            ent = embeddings()["entity_emb"]
         config = KeplmBertConfig(**kw, entity_fusion=fusion, fusion_layer=cfg.fusion_layer,
                                  num_entities=ent.shape[0] if fusion else 1, entity_dim=ent.shape[1] if fusion else 1,
                                  kg_trainable=cfg.kg_trainable)
@@ -133,3 +139,14 @@ def build_pretraining_setup(cfg: ModelConfig, batches: BatchConfig, prepare_dir:
         num_negatives=batches.num_negatives, max_seq_len=min(batches.max_seq_len, kw["max_position_embeddings"]),
         sop=batches.sop, special_ids=tuple(tok.all_special_ids), seed=batches.seed)
     return PretrainingSetup(model, collator, tok, knowledge)
+
+
+def build_for_worker(context: dict):
+    """The ``build`` of keplm.platform.train_loop: model + collator on a Ray Train worker."""
+    import ray
+
+    arrays = ray.get(context["arrays"]) if context.get("arrays") is not None else None
+    knowledge = ray.get(context["knowledge"]) if context.get("knowledge") is not None else None
+    setup = build_pretraining_setup(ModelConfig(**context["model"]), BatchConfig(**context["batches"]),
+                                    context["prepare_dir"], arrays=arrays, knowledge=knowledge)
+    return setup.model, setup.collator

@@ -1,0 +1,334 @@
+"""A model-agnostic Ray Train loop: DDP, AdamW + linear warm-up/decay, accumulation, clipping, bf16 on GPU,
+checkpoints with full resume state, per-step metrics to MLflow from rank 0.
+
+The loop knows no model: ``build(context) -> (model, collate)`` is called on every worker, where
+``model(**batch)`` returns an object with ``loss`` and optional ``*_loss`` terms, and ``collate(rows)``
+turns a list of Parquet rows into a dict of tensors (with ``input_ids`` and ``attention_mask``). A
+collate object with an ``rng`` (numpy Generator) has that state checkpointed too.
+
+Data: each worker streams its own contiguous share of the rows (the shard files in this epoch's seeded
+order) with pyarrow, reading only the files its share overlaps, so no worker reads the whole corpus and the order is the same on every
+run (what makes kill-and-resume exact). (Ray Data inside the workers deadlocked on a small cluster: the
+train workers hold the CPUs its read tasks need.) Every worker runs the same number of steps per epoch: the
+smallest share's, so DDP never waits on a worker that ran out (the rows left over — fewer than one batch
+per worker — are counted as ``rows_skipped_for_balance``). File order is reshuffled per epoch with
+``seed + epoch``.
+
+Checkpoint (every ``checkpoint_every`` optimizer steps and at the end): ``model/`` (``save_pretrained``,
+safetensors), ``state.pt`` (optimizer, scheduler, step, epoch, batch position in the epoch, torch and
+collator RNG states). Ray Train V2 restores the latest checkpoint when the same run (``RunConfig`` name
+and storage path) is started again or when a worker fails (``FailureConfig(max_failures)``), and the loop
+resumes from it: same step, same data position, same RNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from keplm.platform.config import Section
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool | None = Field(None, description="unset: GPU when the Ray cluster has one")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; unset: epochs x steps per epoch")
+    lr: float = Field(5e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    log_every: int = Field(10, ge=1)
+    storage_path: str | None = Field(None, description="checkpoint storage: a path or a URI Ray supports "
+                                                       "(s3://, gs://, an NFS path); unset: OUTPUT/ray_train")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; unset: known GPUs, "
+                                                              "or measured fp32 matmul rate on CPU")
+    stop_after_steps: int | None = Field(None, ge=1, description="end this run early (tests of resume)")
+
+
+GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def device_peak_flops(device, override_tflops: float | None) -> float:
+    import torch
+
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in GPU_PEAK_TFLOPS_BF16.items():
+            if key in name:
+                return tf * 1e12
+        return 100e12
+    # CPU: the achieved fp32 matmul rate on this worker's threads, a practical peak
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))  # not the global RNG: resume must match
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    return 10 * 2 * 512**3 / (time.perf_counter() - t)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6·N (forward + backward over the non-embedding parameters) + 12·L·T·d for attention (PaLM, App. B)."""
+    cfg = getattr(model, "config", None)
+    n = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "embeddings" not in name)
+    layers = getattr(cfg, "num_hidden_layers", 0)
+    hidden = getattr(cfg, "hidden_size", 0)
+    return 6.0 * n + 12.0 * layers * seq_len * hidden
+
+
+def epoch_files(files: list[str], epoch: int, seed: int) -> list[str]:
+    """The shard files in this epoch's order (a permutation seeded by ``seed + epoch``)."""
+    import numpy as np
+
+    order = np.random.default_rng(seed + epoch).permutation(len(files))
+    return [files[i] for i in order]
+
+
+def iter_row_batches(files: list[str], batch_size: int, start: int = 0, stop: int | None = None):
+    """Consecutive pyarrow tables of ``batch_size`` rows over rows [start, stop) of the files taken in
+    order (the tail that does not fill a batch is dropped); only files overlapping the range are read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pending: list = []
+    n = 0
+    offset = 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        rows = pf.metadata.num_rows
+        lo, hi = max(start - offset, 0), min((stop if stop is not None else offset + rows) - offset, rows)
+        offset += rows
+        if hi <= lo:
+            continue
+        table = pf.read(columns=["input_ids", "mentions"]).slice(lo, hi - lo)
+        for rb in table.to_batches(max_chunksize=batch_size):
+            pending.append(rb)
+            n += rb.num_rows
+            while n >= batch_size:
+                merged = pa.Table.from_batches(pending)
+                yield merged.slice(0, batch_size)
+                rest = merged.slice(batch_size)
+                pending, n = rest.to_batches(), rest.num_rows
+
+
+def worker_rows(files: list[str], world: int, rank: int) -> tuple[int, int]:
+    """Rank r's contiguous share [start, stop) of all rows: shares differ by at most one row."""
+    import pyarrow.parquet as pq
+
+    total = sum(pq.read_metadata(f).num_rows for f in files)
+    return total * rank // world, total * (rank + 1) // world
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function; ``config`` carries the TrainConfig dump, files, build and tracking."""
+    import numpy as np
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    cfg = TrainConfig(**config["train"])
+    files: list[str] = config["files"]
+    build: Callable[[dict], tuple[Any, Any]] = config["build"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed + rank)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = ray.train.torch.get_device()
+
+    model, collate = build(config.get("build_context", {}))
+    if getattr(collate, "rng", None) is not None:  # each rank masks and samples differently, reproducibly
+        collate.rng = np.random.default_rng([cfg.seed, rank])
+    n_flops = flops_per_token(model, config.get("seq_len", 512))
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    core = model.module if hasattr(model, "module") else model
+    decay, no_decay = [], []
+    for name, p in core.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") or ".ln" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr)
+    shares = [worker_rows(files, world, r) for r in range(world)]
+    steps_per_epoch = min(hi - lo for lo, hi in shares) // cfg.batch_size
+    skipped = sum(hi - lo for lo, hi in shares) - steps_per_epoch * cfg.batch_size * world
+    opt_steps_per_epoch = steps_per_epoch // cfg.grad_accum
+    if opt_steps_per_epoch == 0:
+        raise RuntimeError(f"too little data: {steps_per_epoch} micro-batches per worker per epoch "
+                           f"< grad_accum {cfg.grad_accum}")
+    total = cfg.max_steps or cfg.epochs * opt_steps_per_epoch
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+
+    step, epoch, position = 0, 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+            from safetensors.torch import load_file
+
+            weights = load_file(str(Path(d) / "model" / "model.safetensors"))
+            core.load_state_dict(weights, strict=False)
+        if state.get("world", world) != world:
+            raise RuntimeError(f"checkpoint was written by {state['world']} workers; resume with the same train.num_workers")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        torch.set_rng_state(state["torch_rng"][rank])
+        if getattr(collate, "rng", None) is not None and state.get("collate_rng") is not None:
+            collate.rng.bit_generator.state = state["collate_rng"][rank]
+
+    tracker = None
+    if rank == 0 and config.get("tracking_uri") and config.get("run_id"):
+        from mlflow.tracking import MlflowClient
+
+        tracker = MlflowClient(config["tracking_uri"])
+    peak = device_peak_flops(device, cfg.peak_tflops)
+    use_bf16 = device.type == "cuda"
+
+    def gather(obj):
+        if world == 1 or not torch.distributed.is_initialized():
+            return [obj]
+        out = [None] * world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def save(final: bool) -> None:
+        metrics = dict(last)
+        # every rank's RNG states, so that each rank resumes its own masking/sampling/dropout stream
+        torch_rngs = gather(torch.get_rng_state())
+        collate_rngs = gather(collate.rng.bit_generator.state if getattr(collate, "rng", None) is not None else None)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                core.save_pretrained(Path(d) / "model", safe_serialization=True)
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                            "epoch": epoch, "position": position, "torch_rng": torch_rngs,
+                            "collate_rng": collate_rngs, "world": world}, Path(d) / "state.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            metrics["final"] = final
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    last: dict[str, float] = {"step": step, "rows_skipped_for_balance": skipped}
+    t_window, tokens_window, samples_window = time.perf_counter(), 0, 0
+    t_start = time.perf_counter()
+    done = step >= total
+    while not done:
+        lo, hi = worker_rows(files, world, rank)
+        micro = 0
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(iter_row_batches(epoch_files(files, epoch, cfg.seed), cfg.batch_size, lo, hi)):
+            if i >= steps_per_epoch:
+                break
+            if i < position:  # resuming: this batch was consumed before the checkpoint
+                continue
+            tensors = {k: v.to(device) for k, v in collate(batch.to_pylist()).items()}
+            sync = (micro + 1) % cfg.grad_accum == 0
+            ctx_mgr = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
+            with ctx_mgr, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(**tensors)
+                (out.loss / cfg.grad_accum).backward()
+            for k, v in out.items():
+                if k.endswith("loss") and v is not None and v.dim() == 0:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            tokens_window += int(tensors["attention_mask"].sum())
+            samples_window += tensors["input_ids"].shape[0]
+            micro += 1
+            position = i + 1
+            if not sync:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            # every worker's loss terms, averaged: what the step optimised
+            vec = torch.tensor([sums.get(k, float("nan")) for k in sorted(sums)], device=device)
+            if world > 1 and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(vec)
+                vec /= world
+            last = {k: float(v) for k, v in zip(sorted(sums), vec.tolist())}
+            sums = {}
+            elapsed = time.perf_counter() - t_window
+            tok_s = tokens_window * world / max(elapsed, 1e-9)
+            last.update(rows_skipped_for_balance=skipped, step=step, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                        samples_per_s=samples_window * world / max(elapsed, 1e-9),
+                        mfu=tok_s / world * n_flops / peak, epoch=epoch)
+            if device.type == "cuda":
+                last["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            else:
+                import resource
+
+                last["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            t_window, tokens_window, samples_window = time.perf_counter(), 0, 0
+            if tracker is not None:
+                from mlflow.entities import Metric
+
+                ts = int(time.time() * 1000)
+                tracker.log_batch(config["run_id"], metrics=[Metric(k, float(v), ts, step) for k, v in last.items()
+                                                             if isinstance(v, (int, float)) and math.isfinite(v)])
+            if rank == 0 and (step % cfg.log_every == 0 or step == total):
+                eta = (time.perf_counter() - t_start) / max(step, 1) * (total - step)
+                log.warning("step %d/%d loss %.4f tokens/s %.0f ETA %.0fs", step, total, last.get("loss", float("nan")),
+                            tok_s, eta)
+            stop_early = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
+            if step >= total or stop_early:
+                done = True
+                save(final=step >= total)
+                break
+            if step % cfg.checkpoint_every == 0:
+                save(final=False)
+        if not done:
+            epoch += 1
+            position = 0
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_context: dict, out_dir: str | Path,
+                 tracking_uri: str | None, run_id: str | None, seq_len: int):
+    """Start (or resume) the TorchTrainer; returns Ray Train's Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    storage = cfg.storage_path or str(Path(out_dir).resolve() / "ray_train")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.model_dump(), "files": files, "build": build, "build_context": build_context,
+                           "tracking_uri": tracking_uri, "run_id": run_id, "seq_len": seq_len},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name="pretrain", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    return trainer.fit()

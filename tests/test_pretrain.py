@@ -1,0 +1,109 @@
+"""keplm pretrain on Ray Train (2 CPU workers, gloo): the chain, MLflow, checkpoints, exact resume, bad config."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from keplm.platform.train_loop import iter_row_batches, worker_rows
+
+TINY = ["train.max_steps=12", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
+        "train.lr=0.002", "train.warmup_ratio=0.0"]
+
+
+def pretrain(out, *overrides, check=True):
+    flags = [o for o in overrides if o.startswith("--")]
+    rest = [o for o in overrides if not o.startswith("--")]
+    r = subprocess.run([sys.executable, "-m", "keplm.jobs.pretrain", "--config", "configs/demo.yaml",
+                        "--output", str(out), *flags, *TINY, *rest], capture_output=True, text=True, timeout=900)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def last_json(r):
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    return out, pretrain(out)
+
+
+def test_worker_shares_cover_every_row_once(demo_prepared):
+    files = sorted(str(f) for f in (demo_prepared / "shards").glob("*.parquet"))
+    shares = [worker_rows(files, 3, r) for r in range(3)]
+    assert shares[0][0] == 0 and all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    whole = [t for t in iter_row_batches(files, 1, 0, None)]
+    parts = [t for lo, hi in shares for t in iter_row_batches(files, 1, lo, hi)]
+    assert len(parts) == len(whole) and all(a.equals(b) for a, b in zip(parts, whole))
+
+
+@pytest.mark.slow
+def test_two_worker_run_trains_logs_and_checkpoints(chain):
+    out, r = chain
+    res = last_json(r)
+    assert res["counts"]["step"] == 12 and res["counts"]["final"] is True
+    for stage in ("prepare", "graph", "neighbours", "embed-transr"):
+        assert (out / stage / "manifest.json").is_file() and (out / stage / "stage_key.json").is_file()
+    from transformers import AutoModelForPreTraining
+
+    import keplm.models  # noqa: F401  (registers the model types)
+
+    model = AutoModelForPreTraining.from_pretrained(out / "model")
+    assert model.config.model_type == "smedbert" and (out / "model" / "tokenizer.json").is_file()
+    client = MlflowClient(res["counts"].get("tracking_uri") or f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(res["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model.kind"] == "smedbert"
+    assert run.data.tags["lineage.prepare"].startswith("manifest:") and "lineage.embed" in run.data.tags
+    for key in ("loss", "mlm_loss", "sop_loss", "mnem_loss", "mmem_loss", "lr", "tokens_per_s", "samples_per_s",
+                "mfu", "peak_memory_mb"):
+        assert key in run.data.metrics, key
+    hist = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in hist] == list(range(1, 13))
+    first, end = hist[0].value, hist[-1].value
+    assert end < first  # the loss falls
+    assert client.list_artifacts(run.info.run_id, "model")
+
+
+@pytest.mark.slow
+def test_rerun_reuses_stages_and_stop_then_resume_is_exact(chain, tmp_path):
+    out, full = chain
+    # the same command again: every stage reused, training already finished -> same final loss
+    again = pretrain(out)
+    assert "reusing" in again.stderr and last_json(again)["counts"]["loss"] == last_json(full)["counts"]["loss"]
+    # a fresh run stopped after step 5, then resumed from its checkpoint (step 4) to the end
+    stages = [f"--prepared={out / 'prepare'}", f"--neighbours={out / 'neighbours'}", f"--embeddings={out / 'embed-transr'}"]
+    part = pretrain(tmp_path / "r", *stages, "train.stop_after_steps=5")
+    assert last_json(part)["counts"]["step"] == 5
+    resumed = pretrain(tmp_path / "r", *stages)
+    a, b = last_json(resumed)["counts"], last_json(full)["counts"]
+    assert a["step"] == b["step"] == 12
+    assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(b["loss"]))
+
+
+def test_bad_config_fails_before_any_worker_with_one_line(tmp_path):
+    for override, msg in (("model.kind=gpt", "model.kind"), ("train.lr=-1", "train.lr"),
+                          ("tracking.uri=http://127.0.0.1:9", "cannot reach the MLflow")):
+        r = pretrain(tmp_path / "bad", override, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert msg in r.stderr.strip().splitlines()[-1]
+
+
+def test_missing_shards_and_foreign_kg_artifacts_fail_early(tmp_path, demo_prepared):
+    r = pretrain(tmp_path / "o", f"--prepared={tmp_path / 'none'}", check=False)
+    assert r.returncode == 2 and "no manifest.json" in r.stderr.strip().splitlines()[-1]
+    # a neighbours output built from another KG: refused before training
+    from keplm.kg.graph import GraphConfig, build_graph
+
+    kg = tmp_path / "kg"
+    kg.mkdir()
+    (kg / "entities.tsv").write_text("name\ttype\n感冒\tDisease\n发热\tSymptom\n", encoding="utf-8")
+    (kg / "triples.tsv").write_text("head\trelation\ttail\n感冒\t症状\t发热\n", encoding="utf-8")
+    build_graph(kg, tmp_path / "g", GraphConfig(), {})
+    r = pretrain(tmp_path / "o2", f"--prepared={demo_prepared}", f"--neighbours={tmp_path / 'g'}",
+                 f"--embeddings={tmp_path / 'g'}", check=False)
+    assert r.returncode == 2 and "entity ids differ" in r.stderr.strip().splitlines()[-1]
