@@ -1,0 +1,70 @@
+"""Like users do: a real local Ray head, `ray job submit` of the pretrain job, a real `mlflow server`.
+
+Named to run last: `ray stop` ends every Ray process on the machine, so the session's in-process Ray
+is shut down first."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(1)
+    raise AssertionError(f"{url} did not come up")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_pretrain_logs_to_mlflow_server(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    gcs, dash, mlf = free_port(), free_port(), free_port()
+    mlflow = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                               "--port", str(mlf), "--workers", "1"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--include-dashboard=true", "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    try:
+        wait_http(f"http://127.0.0.1:{mlf}/health")
+        out = tmp_path / "run"
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                            "--working-dir", str(ROOT), "--", "python", "-m", "keplm.jobs.pretrain",
+                            "--config", "configs/demo.yaml", "--output", str(out),
+                            f"tracking.uri=http://127.0.0.1:{mlf}", "train.max_steps=4", "train.batch_size=4",
+                            "train.cpus_per_worker=0.5"],
+                           env=env, capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        run_id = json.loads((out / "train" / "mlflow_run.json").read_text())["run_id"]
+        run = MlflowClient(f"http://127.0.0.1:{mlf}").get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["step"] == 4
+        assert {"mlm_loss", "mnem_loss", "mmem_loss", "tokens_per_s", "mfu"} <= set(run.data.metrics)
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        mlflow.terminate()
+        mlflow.wait(timeout=30)
