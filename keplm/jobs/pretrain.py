@@ -156,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
         raise KeplmError(f"{rows} training rows cannot fill one step of {cfg.train.num_workers} workers x "
                          f"batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}")
 
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     train_dir = out / "train"
@@ -165,7 +164,6 @@ def run(args: argparse.Namespace) -> int:
     run_file = train_dir / "mlflow_run.json"
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
     if run_id is None:
-        mlflow.set_tracking_uri(uri)
         exp = client.get_experiment_by_name(cfg.tracking.experiment) or client.get_experiment(
             client.create_experiment(cfg.tracking.experiment))
         run_obj = client.create_run(exp.experiment_id, run_name=f"pretrain-{cfg.model.kind}",

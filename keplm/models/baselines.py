@@ -53,10 +53,6 @@ class EntityFusion(nn.Module):
 
 class KeplmBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
     config_class = KeplmBertConfig
-    _tied_weights_keys = {
-        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias",
-    }
 
     def __init__(self, config: KeplmBertConfig):
         super().__init__(config)
@@ -67,13 +63,6 @@ class KeplmBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
                                            requires_grad=config.kg_trainable)
             self.fusion = EntityFusion(config)
         self.post_init()
-
-    def get_output_embeddings(self):
-        return self.cls.predictions.decoder
-
-    def set_output_embeddings(self, new_embeddings):
-        self.cls.predictions.decoder = new_embeddings
-        self.cls.predictions.bias = new_embeddings.bias
 
     @torch.no_grad()
     def load_kg(self, entity_emb, *_) -> None:

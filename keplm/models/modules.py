@@ -59,7 +59,21 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
 
 
 class PreTrainingHeadsMixin:
-    """MLM (tied to the word embeddings) + SOP on the pooled [CLS]; L_EX = MLM + SOP."""
+    """MLM (tied to the word embeddings) + SOP on the pooled [CLS]; L_EX = MLM + SOP.
+
+    For a BertPreTrainedModel with ``self.bert`` and ``self.cls = make_heads(config)``."""
+
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
 
     def ex_loss(self, sequence: torch.Tensor, labels: torch.Tensor | None, sop_label: torch.Tensor | None):
         mlm_logits, sop_logits = self.cls(sequence, self.bert.pooler(sequence))

@@ -181,10 +181,6 @@ class HybridAttention(nn.Module):
 
 class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
     config_class = SMedBertConfig
-    _tied_weights_keys = {
-        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias",
-    }
 
     def __init__(self, config: SMedBertConfig):
         super().__init__(config)
@@ -197,13 +193,6 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
             self.w_sa = nn.Linear(config.hidden_size, config.kg_dim, bias=False)
             self.ln_sa = nn.LayerNorm(config.kg_dim)
         self.post_init()
-
-    def get_output_embeddings(self):
-        return self.cls.predictions.decoder
-
-    def set_output_embeddings(self, new_embeddings):
-        self.cls.predictions.decoder = new_embeddings
-        self.cls.predictions.bias = new_embeddings.bias
 
     @torch.no_grad()
     def load_kg(self, entity_emb, relation_emb, relation_proj) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -330,5 +329,4 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     return trainer.fit()
