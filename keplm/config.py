@@ -14,6 +14,8 @@ from keplm.kg.embed import EmbedConfig
 from keplm.kg.graph import GraphConfig
 from keplm.kg.pepr import PEPRConfig
 from keplm.kg.prepare import PrepareConfig
+from keplm.models.downstream.finetune import FinetuneConfig
+from keplm.models.downstream.tasks import EvaluateConfig
 from keplm.models.setup import BatchConfig, ModelConfig
 from keplm.platform.config import Section, dump_config, load_config
 from keplm.platform.ray_session import RayConfig
@@ -31,6 +33,8 @@ class KeplmConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     batches: BatchConfig = Field(default_factory=BatchConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> KeplmConfig:

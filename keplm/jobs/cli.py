@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from keplm import __version__
-from keplm.jobs import kg, prepare, pretrain, vocab
+from keplm.jobs import augment, evaluate, finetune, kg, prepare, pretrain, vocab
 from keplm.jobs.common import run_job
 
-JOBS = [pretrain, prepare, vocab, kg]
+JOBS = [pretrain, prepare, vocab, kg, finetune, evaluate, augment]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from keplm.platform.config import flatten, resolve_path
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import MANIFEST, hash_inputs, read_manifest, sha256_file, sha256_json, write_manifest
 from keplm.platform.ray_session import connect
+from keplm.platform.tracking import check_tracking
 
 log = logging.getLogger(__name__)
 PRETRAIN_SCHEMA_VERSION = 1
@@ -117,19 +118,6 @@ def tracking_uri_for(cfg, out: Path) -> str:
     from keplm.platform.tracking import tracking_uri
 
     return tracking_uri(cfg.tracking) or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-
-
-def check_tracking(uri: str) -> None:
-    """Fail now, with one line, when the tracking server cannot be reached."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "no usable tracking server"
-        raise KeplmError(f"cannot reach the MLflow tracking store at {uri} "
-                         f"({exc.__class__.__name__}); start it or set tracking.uri") from None
 
 
 def run(args: argparse.Namespace) -> int:

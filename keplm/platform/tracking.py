@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import Field
 
 from keplm.platform.config import Section, flatten
+from keplm.platform.errors import KeplmError
 
 
 class TrackingConfig(Section):
@@ -41,3 +42,16 @@ def log_run(cfg: TrackingConfig, run_name: str, params: dict[str, Any], metrics:
         for path in artifacts:
             mlflow.log_artifact(path)
         return run.info.run_id
+
+
+def check_tracking(uri: str) -> None:
+    """Fail now, with one line, when the tracking server cannot be reached."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no usable tracking server"
+        raise KeplmError(f"cannot reach the MLflow tracking store at {uri} "
+                         f"({exc.__class__.__name__}); start it or set tracking.uri") from None

@@ -1,0 +1,1 @@
+"""Downstream evaluation of pretrained checkpoints: NER, sentence pairs, MLM augmentation, intrinsic similarity."""
