@@ -341,3 +341,22 @@ def test_real_ner_sample_beats_trivial_baselines(tmp_path):
     random_f1 = ner_scores(test.labels, [list(rng.choice(prior, len(s))) for s in test.labels])["f1"]
     assert random_f1 < 0.05
     assert r["test_f1"] > 0.3, r
+
+
+def test_pair_classifier_learns_a_separable_toy_task(tiny_bert):
+    """label 1 iff the second question is about a metabolic disease (糖尿病 / 高血压), whatever the first says."""
+    from keplm.models.downstream.data import PairSet
+    from keplm.models.downstream.finetune import finetune_pairs, pair_scores
+
+    diseases = ["感冒", "糖尿病", "高血压", "咳嗽"]
+    ds = PairSet()
+    for i, a in enumerate(diseases):
+        for j, b in enumerate(diseases):
+            ds.first.append(f"{a}怎么治疗")
+            ds.second.append(f"{b}要检查什么")
+            ds.labels.append(int(b in ("糖尿病", "高血压")))
+    ds = PairSet(ds.first * 3, ds.second * 3, ds.labels * 3)
+    cfg = FinetuneConfig(epochs=30, lr=5e-3, head_lr=5e-2, batch_size=8, dropout=0.0, max_seq_len=32)
+    r = finetune_pairs(tiny_bert, ds, ds, ds, cfg, seed=0)
+    assert r["test_f1"] > 0.9 and r["test_accuracy"] > 0.9, r
+    assert pair_scores([1, 0, 1, 0], [1, 1, 0, 0]) == {"f1": 0.5, "accuracy": 0.5}
