@@ -85,6 +85,22 @@ def test_rerun_reuses_stages_and_stop_then_resume_is_exact(chain, tmp_path):
     assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(b["loss"]))
 
 
+@pytest.mark.slow
+def test_a_lost_worker_restarts_the_group_from_its_last_checkpoint(chain, tmp_path):
+    """FailureConfig: the last worker's process dies after step 6; Ray Train restarts the worker group,
+    which resumes from the step-4 checkpoint and ends where an uninterrupted run ends."""
+    out, full = chain
+    stages = [f"--prepared={out / 'prepare'}", f"--neighbours={out / 'neighbours'}", f"--embeddings={out / 'embed-transr'}"]
+    r = pretrain(tmp_path / "f", *stages, "train.fault_at_step=6")
+    assert (tmp_path / "f" / "train" / "fault_injected").read_text() == "6"   # the fault did happen
+    a, b = last_json(r)["counts"], last_json(full)["counts"]
+    assert a["step"] == b["step"] == 12
+    assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(b["loss"]))
+    hist = MlflowClient(f"sqlite:///{tmp_path / 'f' / 'mlflow.db'}").get_metric_history(last_json(r)["mlflow_run_id"], "step")
+    assert sorted({int(m.value) for m in hist}) == list(range(1, 13))
+    assert sum(int(m.value) in (5, 6) for m in hist) == 4                  # steps 5-6 ran twice
+
+
 def test_bad_config_fails_before_any_worker_with_one_line(tmp_path):
     for override, msg in (("model.kind=gpt", "model.kind"), ("train.lr=-1", "train.lr"),
                           ("tracking.uri=http://127.0.0.1:9", "cannot reach the MLflow")):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,6 +62,8 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; unset: known GPUs, "
                                                               "or measured fp32 matmul rate on CPU")
     stop_after_steps: int | None = Field(None, ge=1, description="end this run early (tests of resume)")
+    fault_at_step: int | None = Field(None, ge=1, description="fault injection: the last worker's process dies "
+                                                              "once, after this step (tests of FailureConfig)")
 
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -289,6 +292,13 @@ def train_loop_per_worker(config: dict) -> None:
                 eta = (time.perf_counter() - t_start) / max(step, 1) * (total - step)
                 log.warning("step %d/%d loss %.4f tokens/s %.0f ETA %.0fs", step, total, last.get("loss", float("nan")),
                             tok_s, eta)
+            if cfg.fault_at_step == step and rank == world - 1 and config.get("fault_marker"):
+                marker = Path(config["fault_marker"])
+                if not marker.exists():  # once per run: the restarted group must get past this step
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.write_text(str(step))
+                    log.warning("fault injection: worker rank %d exits after step %d", rank, step)
+                    os._exit(1)
             stop_early = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
             if step >= total or stop_early:
                 done = True
@@ -322,7 +332,8 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "files": files, "build": build, "build_context": build_context,
-                           "tracking_uri": tracking_uri, "run_id": run_id, "seq_len": seq_len},
+                           "tracking_uri": tracking_uri, "run_id": run_id, "seq_len": seq_len,
+                           "fault_marker": str(Path(out_dir).resolve() / "fault_injected")},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="pretrain", storage_path=storage,
