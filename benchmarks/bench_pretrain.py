@@ -1,0 +1,111 @@
+"""Pretraining throughput: tokens/s and MFU of `keplm pretrain` with 1 vs 2 Ray Train workers on CPU
+(target >= 1.7x), and, when a GPU is present, BERT-base MLM at seq 512 in bf16 (targets >= 45 % MFU and
+>= 450 K tokens/s on an H100) and the SMedBERT / plain-BERT tokens/s ratio (target >= 0.83).
+Prints one JSON line.
+
+CPU part: the real job (`python -m keplm.jobs.pretrain`, the demo corpus prepared once, `model.kind=mlm`,
+hidden 256 x 4 layers, seq 128, batch 16 per worker), each worker one thread (`cpus_per_worker` 0.9, so
+Ray gives it OMP_NUM_THREADS=1). tokens/s is the median of the per-step `tokens_per_s` that rank 0 logs to
+MLflow (all workers' tokens), leaving out the first 3 steps (start-up); MFU as the job logs it
+(model FLOPs/token = 6·N + 12·L·T·d, over each worker's measured fp32 matmul rate).
+
+GPU part: one process, no Ray (what one worker does): forward + backward + AdamW step of keplm's plain
+MLM model and of SMedBERT at BERT-base shape, seq 512, bf16 autocast, on synthetic batches shaped as the
+collator makes them (bench_models.batch); MFU against the GPU's bf16 dense peak.
+
+    python benchmarks/bench_pretrain.py [--steps 20] [--gpu-batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["model.kind=mlm", "model.hidden_size=256", "model.num_hidden_layers=4", "model.num_attention_heads=4",
+         "model.intermediate_size=1024", "batches.max_seq_len=128", "train.batch_size=16", "train.warmup_ratio=0.0",
+         "train.checkpoint_every=1000", "train.log_every=5", "train.cpus_per_worker=0.9"]
+
+
+def run_job(out: Path, *overrides: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "keplm.jobs.pretrain", "--config", str(ROOT / "configs" / "demo.yaml"),
+                        "--output", str(out), *overrides], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def cpu_scaling(steps: int) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # prepare once; both runs read the same shards
+        run_job(tmp / "base", "model.kind=mlm", "train.max_steps=1", "train.num_workers=1", "train.batch_size=2")
+        for workers in (1, 2):
+            res = run_job(tmp / f"w{workers}", f"--prepared={tmp / 'base' / 'prepare'}", *MODEL,
+                          f"train.num_workers={workers}", f"train.max_steps={steps}")
+            client = MlflowClient(f"sqlite:///{tmp / f'w{workers}' / 'mlflow.db'}")
+            hist = {k: [m.value for m in sorted(client.get_metric_history(res["mlflow_run_id"], k), key=lambda m: m.step)]
+                    for k in ("tokens_per_s", "mfu")}
+            out[f"cpu_tokens_per_s_{workers}_worker"] = round(statistics.median(hist["tokens_per_s"][3:]), 1)
+            out[f"cpu_mfu_{workers}_worker"] = round(statistics.median(hist["mfu"][3:]), 4)
+    out["cpu_speedup_1_to_2"] = round(out["cpu_tokens_per_s_2_worker"] / out["cpu_tokens_per_s_1_worker"], 3)
+    out["target_cpu_speedup"] = 1.7
+    return out
+
+
+def gpu_figures(steps: int, batch_size: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_models import SHAPES, batch, models, step_time
+
+    from keplm.platform.train_loop import device_peak_flops, flops_per_token
+
+    dev = torch.device("cuda")
+    peak = device_peak_flops(dev, None)
+    out = {"gpu": torch.cuda.get_device_name(dev), "gpu_seq": 512, "gpu_batch": batch_size, "gpu_peak_tflops": peak / 1e12}
+    data = batch(batch_size, 512, k=10, n=10, device=dev)
+    makers = models(SHAPES["base"], 512)
+    for kind, name in (("mlm", "bert_mlm"), ("smedbert", "smedbert")):
+        torch.manual_seed(0)
+        model = makers[name]().to(dev).train()
+        tok_s = batch_size * 512 / step_time(model, data, steps, 3, torch.bfloat16)
+        out[f"gpu_{kind}_tokens_per_s"] = round(tok_s)
+        out[f"gpu_{kind}_mfu"] = round(tok_s * flops_per_token(model, 512) / peak, 4)
+        out[f"gpu_{kind}_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        del model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    out["gpu_smedbert_vs_plain"] = round(out["gpu_smedbert_tokens_per_s"] / out["gpu_mlm_tokens_per_s"], 3)
+    out.update(target_gpu_mfu=0.45, target_gpu_tokens_per_s_h100=450_000, target_smedbert_vs_plain=0.83)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--gpu-batch", type=int, default=32)
+    ap.add_argument("--skip-cpu", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    out: dict = {"bench": "pretrain"}
+    if not args.skip_cpu:
+        out.update(cpu_scaling(args.steps))
+    if torch.cuda.is_available():
+        out.update(gpu_figures(args.steps, args.gpu_batch))
+    else:
+        out["gpu"] = None
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
