@@ -42,6 +42,25 @@ def test_worker_shares_cover_every_row_once(demo_prepared):
     assert len(parts) == len(whole) and all(a.equals(b) for a, b in zip(parts, whole))
 
 
+def test_validation_split_holds_out_exactly_the_last_rows(demo_prepared, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from keplm.platform.train_loop import split_validation
+
+    files = sorted(str(f) for f in (demo_prepared / "shards").glob("*.parquet"))
+    whole = pa.concat_tables([pq.read_table(f) for f in files])
+    for n in (1, 37, pq.read_metadata(files[-1]).num_rows + 5):
+        train, val = split_validation(files, n, tmp_path / str(n))
+        t = pa.concat_tables([pq.read_table(f) for f in train])
+        v = pa.concat_tables([pq.read_table(f) for f in val])
+        assert v.num_rows == n and t.num_rows == whole.num_rows - n
+        assert pa.concat_tables([t, v]).equals(whole)          # nothing lost, nothing duplicated, order kept
+    with pytest.raises(ValueError, match="leaves no training rows"):
+        split_validation(files, whole.num_rows, tmp_path / "all")
+    assert split_validation(files, 0, tmp_path / "none") == (files, [])
+
+
 @pytest.mark.slow
 def test_two_worker_run_trains_logs_and_checkpoints(chain):
     out, r = chain

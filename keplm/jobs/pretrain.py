@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -120,11 +119,54 @@ def tracking_uri_for(cfg, out: Path) -> str:
     return tracking_uri(cfg.tracking) or f"sqlite:///{(out / 'mlflow.db').resolve()}"
 
 
-def run(args: argparse.Namespace) -> int:
+def training_inputs(cfg, stages: dict[str, Path | None], train_dir: Path) -> dict:
+    """Shard lists (training / held-out validation) and the worker build context, KG arrays in the object store."""
     import pyarrow.parquet as pq
     import ray
 
     from keplm.models.data import KnowledgeIndex
+    from keplm.platform.train_loop import split_validation
+
+    files = sorted(str(f.resolve()) for f in (stages["prepare"] / "shards").glob("*.parquet"))
+    if not files:
+        raise KeplmError(f"{stages['prepare']}: no shards")
+    try:
+        files, val_files = split_validation(files, cfg.train.val_rows, train_dir / "split")
+    except ValueError as exc:
+        raise KeplmError(str(exc)) from None
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    if rows < cfg.train.num_workers * cfg.train.batch_size * cfg.train.grad_accum:
+        raise KeplmError(f"{rows} training rows cannot fill one step of {cfg.train.num_workers} workers x "
+                         f"batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}")
+    arrays_ref = knowledge_ref = None
+    if stages["embed"] is not None:
+        from keplm.kg.embed import load_embeddings
+
+        arrays_ref = ray.put(load_embeddings(stages["embed"]))
+    if stages["neighbours"] is not None:
+        knowledge_ref = ray.put(KnowledgeIndex.load(stages["neighbours"]))
+    context = {"model": cfg.model.model_dump(mode="json"), "batches": cfg.batches.model_dump(mode="json"),
+               "prepare_dir": str(stages["prepare"].resolve()), "arrays": arrays_ref, "knowledge": knowledge_ref}
+    return {"files": files, "val_files": val_files, "context": context}
+
+
+def start_run(client, cfg, run_name: str, tags: dict[str, str]) -> str:
+    """An MLflow run with the resolved config as flattened params; -> run id."""
+    from mlflow.entities import Param
+
+    exp = client.get_experiment_by_name(cfg.tracking.experiment) or client.get_experiment(
+        client.create_experiment(cfg.tracking.experiment))
+    run_id = client.create_run(exp.experiment_id, run_name=run_name, tags=tags).info.run_id
+    params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(keplm_config.dump(cfg)).items()}
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+    return run_id
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
     from keplm.models.setup import build_for_worker
     from keplm.platform.train_loop import run_training
 
@@ -136,46 +178,20 @@ def run(args: argparse.Namespace) -> int:
     connect(cfg.ray, args.address)
     stages = ensure_stages(cfg, out, args)
     lineage = check_lineage(stages)
-    files = sorted(str(f.resolve()) for f in (stages["prepare"] / "shards").glob("*.parquet"))
-    if not files:
-        raise KeplmError(f"{stages['prepare']}: no shards")
-    rows = sum(pq.read_metadata(f).num_rows for f in files)
-    if rows < cfg.train.num_workers * cfg.train.batch_size * cfg.train.grad_accum:
-        raise KeplmError(f"{rows} training rows cannot fill one step of {cfg.train.num_workers} workers x "
-                         f"batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}")
-
-    from mlflow.tracking import MlflowClient
-
     train_dir = out / "train"
     train_dir.mkdir(exist_ok=True)
+    inputs = training_inputs(cfg, stages, train_dir)
+
     client = MlflowClient(uri)
     run_file = train_dir / "mlflow_run.json"
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
     if run_id is None:
-        exp = client.get_experiment_by_name(cfg.tracking.experiment) or client.get_experiment(
-            client.create_experiment(cfg.tracking.experiment))
-        run_obj = client.create_run(exp.experiment_id, run_name=f"pretrain-{cfg.model.kind}",
-                                    tags={"keplm.job": "pretrain", "keplm.model": cfg.model.kind, **lineage})
-        run_id = run_obj.info.run_id
-        params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(keplm_config.dump(cfg)).items()}
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[i:i + 100])
+        run_id = start_run(client, cfg, f"pretrain-{cfg.model.kind}",
+                           {"keplm.job": "pretrain", "keplm.model": cfg.model.kind, **lineage})
         run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
-
-    arrays_ref = knowledge_ref = None
-    if stages["embed"] is not None:
-        from keplm.kg.embed import load_embeddings
-
-        arrays_ref = ray.put(load_embeddings(stages["embed"]))
-    if stages["neighbours"] is not None:
-        knowledge_ref = ray.put(KnowledgeIndex.load(stages["neighbours"]))
-    context = {"model": cfg.model.model_dump(mode="json"), "batches": cfg.batches.model_dump(mode="json"),
-               "prepare_dir": str(stages["prepare"].resolve()), "arrays": arrays_ref, "knowledge": knowledge_ref}
     try:
-        result = run_training(cfg.train, files, build_for_worker, context, train_dir, uri, run_id, cfg.batches.max_seq_len)
+        result = run_training(cfg.train, inputs["files"], build_for_worker, inputs["context"], train_dir, uri, run_id,
+                              cfg.batches.max_seq_len, val_files=inputs["val_files"])
     except Exception as exc:  # noqa: BLE001
         client.set_terminated(run_id, status="FAILED")
         raise KeplmError(f"training failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

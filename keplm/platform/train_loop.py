@@ -19,6 +19,10 @@ safetensors), ``state.pt`` (optimizer, scheduler, step, epoch, batch position in
 collator RNG states). Ray Train V2 restores the latest checkpoint when the same run (``RunConfig`` name
 and storage path) is started again or when a worker fails (``FailureConfig(max_failures)``), and the loop
 resumes from it: same step, same data position, same RNG.
+
+Validation (``val_rows`` > 0, the held-out rows in ``val_files``): at every checkpoint each worker scores
+its share of them with masking drawn from a fixed seed (the same masks at every evaluation, so the curve
+compares like with like), and the workers' mean ``mlm_loss`` is reported as ``val_mlm_loss``.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; unset: known GPUs, "
                                                               "or measured fp32 matmul rate on CPU")
     stop_after_steps: int | None = Field(None, ge=1, description="end this run early (tests of resume)")
+    val_rows: int = Field(0, ge=0, description="hold out the corpus's last N rows; their MLM loss is reported "
+                                               "as val_mlm_loss at every checkpoint (the sweep objective)")
     fault_at_step: int | None = Field(None, ge=1, description="fault injection: the last worker's process dies "
                                                               "once, after this step (tests of FailureConfig)")
 
@@ -214,8 +220,40 @@ def train_loop_per_worker(config: dict) -> None:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    val_files: list[str] = config.get("val_files") or []
+
+    def validate() -> float:
+        """Mean MLM loss on this rank's share of the held-out rows, averaged over ranks."""
+        lo, hi = worker_rows(val_files, world, rank)
+        saved = getattr(collate, "rng", None)
+        if saved is not None:
+            collate.rng = np.random.default_rng([cfg.seed, 7919])   # fixed masks, not the training stream
+        torch_state = torch.get_rng_state()
+        core.eval()
+        total_loss, batches = 0.0, 0
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            for batch in iter_row_batches(val_files, cfg.batch_size, lo, hi):
+                out = core(**{k: v.to(device) for k, v in collate(batch.to_pylist()).items()})
+                total_loss += float(out.mlm_loss if getattr(out, "mlm_loss", None) is not None else out.loss)
+                batches += 1
+        core.train()
+        torch.set_rng_state(torch_state)
+        if saved is not None:
+            collate.rng = saved
+        vec = torch.tensor([total_loss, float(batches)], device=device)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(vec)
+        return float(vec[0] / vec[1]) if vec[1] > 0 else float("nan")
+
     def save(final: bool) -> None:
         metrics = dict(last)
+        if val_files:
+            metrics["val_mlm_loss"] = validate()
+            if tracker is not None:
+                from mlflow.entities import Metric
+
+                tracker.log_batch(config["run_id"], metrics=[Metric("val_mlm_loss", metrics["val_mlm_loss"],
+                                                                    int(time.time() * 1000), step)])
         # every rank's RNG states, so that each rank resumes its own masking/sampling/dropout stream
         torch_rngs = gather(torch.get_rng_state())
         collate_rngs = gather(collate.rng.bit_generator.state if getattr(collate, "rng", None) is not None else None)
@@ -319,9 +357,45 @@ class _null:
         return False
 
 
+def split_validation(files: list[str], val_rows: int, out_dir: str | Path) -> tuple[list[str], list[str]]:
+    """Hold out the last ``val_rows`` rows (files in sorted order): -> (training files, validation files).
+
+    The file the cut falls in is split into two new Parquet files under ``out_dir``; other files are used
+    as they are. Rerunning gives the same split (same files, same names)."""
+    import pyarrow.parquet as pq
+
+    if val_rows <= 0:
+        return list(files), []
+    files = sorted(files)
+    sizes = [pq.read_metadata(f).num_rows for f in files]
+    if val_rows >= sum(sizes):
+        raise ValueError(f"train.val_rows={val_rows} leaves no training rows ({sum(sizes)} in all)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keep, need, i = list(files), val_rows, len(files)
+    val: list[str] = []
+    while need > 0:
+        i -= 1
+        keep.pop()
+        if sizes[i] <= need:
+            val.insert(0, files[i])
+            need -= sizes[i]
+            continue
+        table = pq.read_table(files[i])
+        cut = sizes[i] - need
+        pq.write_table(table.slice(0, cut), out / "train_part.parquet")
+        pq.write_table(table.slice(cut), out / "val_part.parquet")
+        keep.append(str(out / "train_part.parquet"))
+        val.insert(0, str(out / "val_part.parquet"))
+        need = 0
+    return keep, val
+
+
 def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_context: dict, out_dir: str | Path,
-                 tracking_uri: str | None, run_id: str | None, seq_len: int):
-    """Start (or resume) the TorchTrainer; returns Ray Train's Result."""
+                 tracking_uri: str | None, run_id: str | None, seq_len: int, val_files: list[str] | None = None,
+                 callbacks: list | None = None, name: str = "pretrain"):
+    """Start (or resume) the TorchTrainer; returns Ray Train's Result. ``callbacks``: Ray Train user
+    callbacks (a Tune trial passes ``TuneReportCallback`` so every report reaches Tune)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -333,10 +407,10 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "files": files, "build": build, "build_context": build_context,
                            "tracking_uri": tracking_uri, "run_id": run_id, "seq_len": seq_len,
-                           "fault_marker": str(Path(out_dir).resolve() / "fault_injected")},
+                           "fault_marker": str(Path(out_dir).resolve() / "fault_injected"), "val_files": val_files or []},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name="pretrain", storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks or None,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
