@@ -21,6 +21,7 @@ from keplm.platform.config import Section, dump_config, load_config
 from keplm.platform.ray_session import RayConfig
 from keplm.platform.train_loop import TrainConfig
 from keplm.platform.tracking import TrackingConfig
+from keplm.tuning.space import AblateConfig, SweepConfig
 
 
 class KeplmConfig(Section):
@@ -35,6 +36,8 @@ class KeplmConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    ablate: AblateConfig = Field(default_factory=AblateConfig)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> KeplmConfig:

@@ -48,3 +48,16 @@ def test_dump_is_flat_json_and_round_trips():
     again = config.load(None, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in flat.items()
                                if not isinstance(v, list) and v is not None])
     assert again.prepare == cfg.prepare.model_copy(update={"corpus": []})
+
+
+def test_extends_deep_merges_the_parent_config(tmp_path):
+    from keplm import config
+    from keplm.platform.errors import ConfigError
+
+    (tmp_path / "base.yaml").write_text("train: {lr: 0.1, epochs: 3}\nmodel: {kind: mlm}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {lr: 0.2}\n")
+    cfg = config.load(tmp_path / "child.yaml", ["train.epochs=4"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.model.kind) == (0.2, 4, "mlm")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        config.load(tmp_path / "loop.yaml")

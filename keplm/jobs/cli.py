@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from keplm import __version__
-from keplm.jobs import augment, evaluate, finetune, kg, prepare, pretrain, vocab
+from keplm.jobs import ablate, augment, compare, evaluate, finetune, kg, prepare, pretrain, sweep, vocab
 from keplm.jobs.common import run_job
 
-JOBS = [pretrain, prepare, vocab, kg, finetune, evaluate, augment]
+JOBS = [pretrain, prepare, vocab, kg, finetune, evaluate, augment, sweep, ablate, compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

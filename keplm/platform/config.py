@@ -78,29 +78,51 @@ def format_validation_error(err: ValidationError) -> str:
     return f"config error: {key}: {first['msg']}{shown}{more}"
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml_tree(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config; a top-level ``extends: other.yaml`` (relative to this file, or keplm://) is read
+    first and this file's sections are deep-merged over it."""
+    p = resolve_path(path)
+    if p.resolve() in seen:
+        raise ConfigError(f"config error: {p}: extends itself (cycle)")
+    data = _read_yaml(p)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = str(parent) if str(parent).startswith(PACKAGE_SCHEME) else p.parent / str(parent)
+    return deep_merge(read_yaml_tree(parent_path, (*seen, p.resolve())), data)
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Load YAML at `path` (may be None: defaults only), apply overrides, validate against `schema`."""
-    data: dict = {}
-    if path is not None:
-        p = resolve_path(path)
-        if not p.is_file():
-            raise ConfigError(f"config error: file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" line {line + 1}" if line is not None else ""
-            raise ConfigError(f"config error: {p}{where}: not valid YAML") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config error: {p}: top level must be a mapping of sections")
-        data = loaded
+    data = read_yaml_tree(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     try:
         return schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+
+
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise ConfigError(f"config error: file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config error: {p}{where}: not valid YAML") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config error: {p}: top level must be a mapping of sections")
+    return loaded
 
 
 def dump_config(cfg: BaseModel) -> dict:

@@ -1,0 +1,154 @@
+"""The pretraining chain as functions: the KG/corpus stages a model kind needs (reused when unchanged),
+lineage checks, the worker inputs, and the MLflow run of a training. ``keplm pretrain`` runs them once;
+``keplm sweep`` / ``keplm ablate`` run the stages once and the training per trial.
+
+Stages live under one output directory (``prepare/``, ``graph/``, ``neighbours/``, ``embed-transr/`` or
+``embed-transe/``). A stage is reused when its ``stage_key.json`` — a hash of its config section and of its
+inputs (files, or upstream manifests) — still matches, so a rerun skips finished stages and a changed K or
+corpus reruns only what depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from keplm.platform.config import dump_config, flatten, resolve_path
+from keplm.platform.errors import KeplmError
+from keplm.platform.manifest import MANIFEST, hash_inputs, read_manifest, sha256_file, sha256_json
+
+log = logging.getLogger(__name__)
+NEEDS = {"smedbert": ("neighbours", "transr"), "ernie": (None, "transe"), "mlm": (None, None), "wem": (None, None)}
+
+
+def _stage(out: Path, key_parts: dict, run) -> Path:
+    """Run ``run(out)`` unless ``out`` holds a finished stage with the same key."""
+    key = sha256_json(key_parts)
+    key_file = out / "stage_key.json"
+    if (out / MANIFEST).is_file() and key_file.is_file() and json.loads(key_file.read_text())["key"] == key:
+        log.warning("pretrain: reusing %s (inputs and config unchanged)", out)
+        return out
+    log.warning("pretrain: running stage %s", out.name)
+    run(out)
+    key_file.write_text(json.dumps({"key": key}))
+    return out
+
+
+def _manifest_hash(d: Path) -> str:
+    return sha256_file(d / MANIFEST)
+
+
+def _entity_names_hash(d: Path) -> str:
+    import pyarrow.parquet as pq
+
+    names = pq.read_table(d / "entities.parquet", columns=["name"]).column("name").to_pylist()
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def ensure_stages(cfg, out: Path, prepared: str | Path | None = None, neighbours: str | Path | None = None,
+                  embeddings: str | Path | None = None, kind: str | None = None) -> dict[str, Path | None]:
+    """The stage directories ``kind`` (default ``cfg.model.kind``) trains on, built under ``out`` unless given."""
+    from keplm.kg.embed import run_embed
+    from keplm.kg.graph import build_graph
+    from keplm.kg.pepr import run_neighbours
+    from keplm.kg.prepare import run_prepare
+
+    dump = dump_config(cfg)
+    need_nb, need_embed = NEEDS[kind or cfg.model.kind]
+    if prepared:
+        prepared = Path(prepared)
+        read_manifest(prepared, "prepare")
+    else:
+        if not cfg.prepare.corpus or not cfg.prepare.kg:
+            raise KeplmError("pretrain: the config names no corpus/KG (prepare.corpus, prepare.kg) and no --prepared")
+        inputs = hash_inputs([resolve_path(c) for c in cfg.prepare.corpus] + [resolve_path(cfg.prepare.kg)])
+        prepared = _stage(out / "prepare", {"prepare": dump["prepare"], "inputs": inputs},
+                          lambda d: run_prepare(cfg.prepare, d, {"prepare": dump["prepare"]}))
+    stages: dict[str, Path | None] = {"prepare": prepared, "neighbours": None, "embed": None}
+    if need_nb is None and need_embed is None:
+        return stages
+    kg_dir = resolve_path(cfg.prepare.kg) if cfg.prepare.kg else None
+    graph = None
+    if (need_nb and not neighbours) or (need_embed and not embeddings):
+        if kg_dir is None:
+            raise KeplmError("pretrain: prepare.kg is needed to build the graph")
+        graph = _stage(out / "graph", {"graph": dump["graph"], "kg": hash_inputs([kg_dir]), "corpus": _manifest_hash(prepared)},
+                       lambda d: build_graph(kg_dir, d, cfg.graph, {"graph": dump["graph"]}, corpus_dir=prepared))
+    if need_nb:
+        stages["neighbours"] = Path(neighbours) if neighbours else _stage(
+            out / "neighbours", {"pepr": dump["pepr"], "graph": _manifest_hash(graph)},
+            lambda d: run_neighbours(graph, d, cfg.pepr, {"pepr": dump["pepr"]}))
+    if need_embed:
+        if embeddings:
+            stages["embed"] = Path(embeddings)
+        else:
+            embed_cfg = cfg.embed.model_copy(update={"model": need_embed})
+            section = {"embed": embed_cfg.model_dump(mode="json")}
+            stages["embed"] = _stage(out / f"embed-{need_embed}", {**section, "graph": _manifest_hash(graph)},
+                                     lambda d: run_embed(graph, d, embed_cfg, section, cfg.tracking))
+    return stages
+
+
+def check_lineage(stages: dict[str, Path | None]) -> dict[str, str]:
+    """All KG artifacts must carry the entity ids the shards were linked with; -> lineage tags."""
+    prepared = stages["prepare"]
+    want = _entity_names_hash(prepared)
+    tags = {"lineage.prepare": "manifest:" + _manifest_hash(prepared)}
+    for name in ("neighbours", "embed"):
+        d = stages[name]
+        if d is None:
+            continue
+        read_manifest(d)
+        if _entity_names_hash(d) != want:
+            raise KeplmError(f"{d}: its entity ids differ from the shards' ({prepared}); rebuild it from the same KG")
+        tags[f"lineage.{name}"] = "manifest:" + _manifest_hash(d)
+    return tags
+
+
+def training_inputs(cfg, stages: dict[str, Path | None], train_dir: Path) -> dict:
+    """Shard lists (training / held-out validation) and the worker build context, KG arrays in the object store."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from keplm.models.data import KnowledgeIndex
+    from keplm.platform.train_loop import split_validation
+
+    files = sorted(str(f.resolve()) for f in (stages["prepare"] / "shards").glob("*.parquet"))
+    if not files:
+        raise KeplmError(f"{stages['prepare']}: no shards")
+    try:
+        files, val_files = split_validation(files, cfg.train.val_rows, train_dir / "split")
+    except ValueError as exc:
+        raise KeplmError(str(exc)) from None
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    if rows < cfg.train.num_workers * cfg.train.batch_size * cfg.train.grad_accum:
+        raise KeplmError(f"{rows} training rows cannot fill one step of {cfg.train.num_workers} workers x "
+                         f"batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}")
+    arrays_ref = knowledge_ref = None
+    if stages["embed"] is not None:
+        from keplm.kg.embed import load_embeddings
+
+        arrays_ref = ray.put(load_embeddings(stages["embed"]))
+    if stages["neighbours"] is not None:
+        knowledge_ref = ray.put(KnowledgeIndex.load(stages["neighbours"]))
+    context = {"model": cfg.model.model_dump(mode="json"), "batches": cfg.batches.model_dump(mode="json"),
+               "prepare_dir": str(stages["prepare"].resolve()), "arrays": arrays_ref, "knowledge": knowledge_ref}
+    return {"files": files, "val_files": val_files, "context": context}
+
+
+def start_run(client, cfg, run_name: str, tags: dict[str, str]) -> str:
+    """An MLflow run with the resolved config as flattened params; -> run id."""
+    from mlflow.entities import Param
+
+    exp = client.get_experiment_by_name(cfg.tracking.experiment) or client.get_experiment(
+        client.create_experiment(cfg.tracking.experiment))
+    run_id = client.create_run(exp.experiment_id, run_name=run_name, tags=tags).info.run_id
+    params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(dump_config(cfg)).items()}
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+    return run_id
+
+

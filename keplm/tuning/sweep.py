@@ -1,0 +1,202 @@
+"""The sweep / ablation driver: stages once, Ray Tune over trials (OptunaSearch + ASHA, or a grid),
+MLflow parent + child runs, the best config as YAML that ``keplm pretrain`` accepts unchanged.
+
+Resumable: the Tune experiment lives in ``OUT/tune/<job>``; running the same command again restores it
+with ``Tuner.restore`` (finished trials are kept, unfinished ones resumed) and reuses the parent run.
+A trial that raises is recorded (Tune error, FAILED MLflow run) and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from keplm.platform.config import dump_config, flatten
+from keplm.platform.errors import KeplmError
+from keplm.tuning.space import ABLATION_GRIDS, merge, nest
+from keplm.tuning.trainable import pretrain_trial, trial_overrides
+
+log = logging.getLogger(__name__)
+
+
+def kinds_in(cfg, space_points: list[dict[str, Any]]) -> set[str]:
+    return {p.get("model.kind", cfg.model.kind) for p in space_points} | {cfg.model.kind}
+
+
+def _parent_run(client, cfg, out: Path, job: str, params: dict) -> str:
+    from keplm.models.pipeline import start_run
+
+    marker = out / "mlflow_parent.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())["run_id"]
+    run_id = start_run(client, cfg, f"{job}-{out.name}", {"keplm.job": job})
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(f"tune.{k}", str(v)[:6000]) for k, v in flatten(params).items()])
+    marker.write_text(json.dumps({"run_id": run_id}))
+    return run_id
+
+
+def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: str, num_samples: int,
+             search_alg=None, scheduler=None, max_concurrent: int, kinds: set[str], model: str | None,
+             tracking_uri: str, proxy_task: dict | None = None, objective: str) -> dict:
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from keplm.models.pipeline import ensure_stages
+
+    out.mkdir(parents=True, exist_ok=True)
+    stages = {}
+    for kind in sorted(kinds):
+        st = ensure_stages(cfg, out / "stages", kind=kind)
+        stages[kind] = {k: (str(v.resolve()) if v else None) for k, v in st.items()}
+    client = MlflowClient(tracking_uri)
+    parent = _parent_run(client, cfg, out, job, {"param_space": {k: str(v) for k, v in param_space.items()},
+                                                 "metric": metric, "mode": mode, "num_samples": num_samples})
+    base = dump_config(cfg)
+    shared = {"base": base, "stages": stages, "tracking_uri": tracking_uri, "parent_run": parent, "out": str(out.resolve()),
+              "job": job, "model": model, "objective": objective, "proxy_task": proxy_task}
+    if objective == "proxy_f1":
+        # the proxy F1 only exists in a trial's last result; the step reports carry the losses
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # the trial function only waits on its Ray Train run; the Train workers hold the CPUs/GPUs
+    trainable = tune.with_resources(tune.with_parameters(pretrain_trial, shared=shared), {"cpu": 0.01})
+    storage = str((out / "tune").resolve())
+    path = os.path.join(storage, job)
+    if tune.Tuner.can_restore(path):
+        log.warning("%s: resuming the Tune experiment in %s", job, path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=False, restart_errored=False,
+                                   param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg,
+                                        scheduler=scheduler, max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=job, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+    grid = tuner.fit()
+    return finish(cfg, out, job, grid, client, parent, base, model, metric, mode)
+
+
+def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, model: str | None, metric: str, mode: str) -> dict:
+    max_steps = cfg.train.max_steps
+    trials = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        trials.append({"trial_id": m.get("trial_id") or Path(r.path).name.split("_")[2], "config": r.config,
+                       "steps": int(m.get("step", 0) or 0), metric: m.get(metric),
+                       "error": (str(r.error).splitlines()[0][:500] if r.error else None)})
+    # runs ASHA stopped: their trial actor was killed mid-run, so their MLflow run is still RUNNING
+    for run in client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "keplm.stopped_early", "true")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    # optimizer steps each trial actually ran (a stopped trial runs on a little after its last report)
+    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    steps_by_trial = {r.data.tags.get("keplm.trial_id"): int(r.data.metrics.get("step", 0)) for r in children}
+    for t in trials:
+        t["steps"] = steps_by_trial.get(t["trial_id"], t["steps"])
+    ok = [t for t in trials if t["error"] is None and t[metric] is not None]
+    summary: dict[str, Any] = {"job": job, "trials": len(trials), "failed": sum(t["error"] is not None for t in trials),
+                               "trial_steps": sum(t["steps"] for t in trials), "metric": metric, "mode": mode,
+                               "parent_run": parent, "stopped_early": sum(t["steps"] < (max_steps or 0) for t in trials)}
+    with open(out / "trials.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["trial_id", "config", "steps", metric, "error"])
+        for t in trials:
+            w.writerow([t["trial_id"], json.dumps(t["config"], ensure_ascii=False), t["steps"], t[metric], t["error"] or ""])
+    client.log_artifact(parent, str(out / "trials.csv"))
+    if ok:
+        best = (min if mode == "min" else max)(ok, key=lambda t: t[metric])
+        overrides, _ = trial_overrides(best["config"], model)
+        best_cfg = merge(base, nest(overrides))
+        from keplm.config import KeplmConfig
+
+        KeplmConfig(**best_cfg)   # what pretrain will load: fail here, not there
+        (out / "best_config.yaml").write_text(yaml.safe_dump(best_cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        client.log_artifact(parent, str(out / "best_config.yaml"))
+        client.log_metric(parent, f"best_{metric}", float(best[metric]))
+        for k, v in overrides.items():
+            client.set_tag(parent, f"best.{k}", str(v))
+        summary.update(best_trial=best["trial_id"], best_value=best[metric], best_overrides=overrides,
+                       best_config=str(out / "best_config.yaml"))
+    client.log_metric(parent, "trial_steps", summary["trial_steps"])
+    client.set_terminated(parent, status="FINISHED" if ok else "FAILED")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    if not ok:
+        raise KeplmError(f"{job}: every trial failed; first error: {trials[0]['error'] if trials else 'no trials'}")
+    return summary
+
+
+def sweep(cfg, out: Path, tracking_uri: str) -> dict:
+    from optuna.samplers import TPESampler
+    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    sc = cfg.sweep
+    if not sc.space:
+        raise KeplmError("sweep.space is empty: declare the knobs to search (see configs/sweep-demo.yaml)")
+    if sc.objective == "val_mlm_loss" and cfg.train.val_rows <= 0:
+        raise KeplmError("sweep.objective=val_mlm_loss needs held-out rows: set train.val_rows > 0")
+    mode = sc.metric_mode
+    metric = sc.objective
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "num_workers": sc.trial_workers, "cpus_per_worker": sc.cpus_per_worker, "gpus_per_worker": sc.gpus_per_worker})})
+    max_t = cfg.train.max_steps or 10**9
+    scheduler = None
+    if sc.scheduler != "fifo" and sc.objective == "val_mlm_loss":
+        grace = sc.grace_period * cfg.train.checkpoint_every
+        scheduler = (ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=sc.reduction_factor,
+                                       stop_last_trials=False)
+                     if sc.scheduler == "asha" else HyperBandScheduler(time_attr="step", max_t=max_t,
+                                                                        reduction_factor=sc.reduction_factor))
+    search = ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=sc.seed),
+                                                   points_to_evaluate=sc.points_to_evaluate or None), max_concurrent=sc.max_concurrent)
+    space = {k: v.to_tune() for k, v in sc.space.items()}
+    choices = [{"model.kind": c} for k, v in sc.space.items() if k == "model.kind" for c in (v.choice or [])]
+    proxy = _proxy_task(cfg) if sc.objective == "proxy_f1" else None
+    return run_tune(cfg, out, "sweep", space, metric=metric, mode=mode, num_samples=sc.num_samples, search_alg=search,
+                    scheduler=scheduler, max_concurrent=sc.max_concurrent, kinds=kinds_in(cfg, choices), model=None,
+                    tracking_uri=tracking_uri, proxy_task=proxy, objective=sc.objective)
+
+
+def ablate(cfg, out: Path, tracking_uri: str, model: str) -> dict:
+    from ray import tune
+
+    if model not in ABLATION_GRIDS:
+        raise KeplmError(f"no ablation grid for {model!r}; grids: {sorted(ABLATION_GRIDS)}")
+    grid = ABLATION_GRIDS[model]
+    variants = cfg.ablate.variants or list(grid)
+    unknown = [v for v in variants if v not in grid]
+    if unknown:
+        raise KeplmError(f"unknown variant(s) {unknown} for {model}; the grid has {list(grid)}")
+    if cfg.ablate.objective == "val_mlm_loss" and cfg.train.val_rows <= 0:
+        raise KeplmError("ablate.objective=val_mlm_loss needs held-out rows: set train.val_rows > 0")
+    sc = cfg.sweep
+    cfg = cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"kind": model}),
+        "train": cfg.train.model_copy(update={"num_workers": sc.trial_workers, "cpus_per_worker": sc.cpus_per_worker,
+                                              "gpus_per_worker": sc.gpus_per_worker})})
+    space = {"variant": tune.grid_search(variants), "seed": tune.grid_search(list(range(cfg.ablate.seeds)))}
+    metric = cfg.ablate.objective
+    proxy = _proxy_task(cfg) if metric == "proxy_f1" else None
+    return run_tune(cfg, out, "ablate", space, metric=metric, mode="min" if metric.endswith("loss") else "max",
+                    num_samples=1, max_concurrent=sc.max_concurrent, model=model,
+                    kinds=kinds_in(cfg, [grid[v] for v in variants]), tracking_uri=tracking_uri,
+                    proxy_task=proxy, objective=metric)
+
+
+def _proxy_task(cfg) -> dict:
+    name = cfg.sweep.proxy_task
+    task = cfg.evaluate.tasks.get(name or "")
+    if task is None or task.kind != "ner":
+        raise KeplmError(f"sweep.proxy_task {name!r} is not an ner task of evaluate.tasks ({sorted(cfg.evaluate.tasks)})")
+    return {"train": task.train, "dev": task.dev, "format": task.format, "steps": cfg.sweep.proxy_steps,
+            "dev_subset": cfg.sweep.proxy_dev_subset}

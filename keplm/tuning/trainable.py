@@ -1,0 +1,96 @@
+"""The Tune trial: one short pretraining run on Ray Train (Train inside Tune), then its objective.
+
+``pretrain_trial(config, shared)`` is a Tune function trainable. ``config`` is the trial's point of the
+search space (``{"K": 10, "train.lr": 3e-4}``) or of an ablation grid (``{"variant": "-type_att", "seed":
+1}``); ``shared`` (``tune.with_parameters``) carries the base config, the stage directories per model kind
+(built once by the driver), the tracking URI and the parent MLflow run. Every Ray Train report (one per
+checkpoint: step, losses, ``val_mlm_loss``) reaches Tune through ``TuneReportCallback``, so ASHA can stop
+the trial between checkpoints. The trial's MLflow run is a child of the sweep's run and receives the
+per-step metrics from rank 0, the objective at the end, and FAILED when the trial raises.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from keplm.tuning.space import ABLATION_GRIDS, config_key, merge, nest
+
+
+def trial_overrides(config: dict[str, Any], model: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Search-space point -> (dotted config overrides, MLflow tags)."""
+    overrides = {config_key(k): v for k, v in config.items() if k not in ("variant", "seed")}
+    tags: dict[str, str] = {}
+    if "variant" in config:
+        overrides.update(ABLATION_GRIDS[model][config["variant"]])
+        tags["keplm.variant"] = config["variant"]
+    if "seed" in config:
+        overrides.update({"train.seed": int(config["seed"]), "batches.seed": int(config["seed"])})
+        tags["keplm.seed"] = str(config["seed"])
+    return overrides, tags
+
+
+def trial_config(base: dict, overrides: dict[str, Any]):
+    from keplm.config import KeplmConfig
+
+    return KeplmConfig(**merge(base, nest(overrides)))
+
+
+def pretrain_trial(config: dict, shared: dict) -> None:
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from keplm.models.pipeline import start_run, training_inputs
+    from keplm.models.setup import build_for_worker
+    from keplm.platform.train_loop import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    overrides, tags = trial_overrides(config, shared.get("model"))
+    client = MlflowClient(shared["tracking_uri"])
+    cfg = trial_config(shared["base"], overrides)
+    tags.update({"mlflow.parentRunId": shared["parent_run"], "keplm.job": f"{shared['job']}-trial",
+                 "keplm.trial_id": trial_id, "keplm.model": cfg.model.kind})
+    run_id = start_run(client, cfg, f"{tags.get('keplm.variant', 'trial')}-{trial_id}", tags)
+    trial_dir = Path(shared["out"]) / "trials" / trial_id
+    try:
+        stages = {k: (Path(v) if v else None) for k, v in shared["stages"][cfg.model.kind].items()}
+        inputs = training_inputs(cfg, stages, trial_dir)
+        result = run_training(cfg.train, inputs["files"], build_for_worker, inputs["context"], trial_dir,
+                              shared["tracking_uri"], run_id, cfg.batches.max_seq_len, val_files=inputs["val_files"],
+                              callbacks=[TuneReportCallback()], name="train")
+        if result.error is not None:
+            raise result.error
+        metrics = dict(result.metrics or {})
+        if shared["objective"] == "proxy_f1":
+            f1 = proxy_objective(result, stages["prepare"], trial_dir, cfg, shared["proxy_task"])
+            metrics["proxy_f1"] = f1
+            client.log_metric(run_id, "proxy_f1", f1, step=int(metrics.get("step", 0)))
+            tune.report({"proxy_f1": f1, "step": metrics.get("step", 0)})
+        value = metrics.get(shared["objective"])
+        if value is not None:
+            client.log_metric(run_id, "objective", float(value), step=int(metrics.get("step", 0)))
+        client.set_terminated(run_id, status="FINISHED")
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    except BaseException:   # stopped by the scheduler
+        client.set_terminated(run_id, status="KILLED")
+        raise
+
+
+def proxy_objective(result, prepare_dir: Path, trial_dir: Path, cfg, task: dict) -> float:
+    """Dev F1 of a short NER fine-tuning of the trial's final model (keplm.models.downstream)."""
+    from keplm.models.downstream.data import read_ner
+    from keplm.models.downstream.finetune import proxy_dev_f1
+    from keplm.platform.config import resolve_path
+
+    model_dir = trial_dir / "model"
+    with result.checkpoint.as_directory() as d:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(Path(d) / "model", model_dir)
+    shutil.copytree(prepare_dir / "tokenizer", model_dir, dirs_exist_ok=True)
+    train = read_ner(resolve_path(task["train"]), task.get("format"))
+    dev = read_ner(resolve_path(task["dev"]), task.get("format"))
+    return proxy_dev_f1(model_dir, train, dev, steps=task["steps"], dev_subset=task["dev_subset"], cfg=cfg.finetune)

@@ -1,0 +1,182 @@
+"""Sweeps, ablations and comparisons: search-space config, Tune + Train trials on the demo logged to a
+real `mlflow server`, the paper-style table's arithmetic, plots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from keplm import config
+from keplm.platform.errors import ConfigError
+from keplm.tuning.report import compare
+from keplm.tuning.trainable import trial_config, trial_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def keplm(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "keplm.jobs.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=1500, cwd=ROOT)
+    if check:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def last_json(r):
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ config
+
+def test_space_accepts_the_papers_knobs_and_refuses_stage_keys():
+    cfg = config.load(ROOT / "configs" / "sweep-demo.yaml")
+    assert set(cfg.sweep.space) == {"K", "lambda1", "lambda2", "corruption_rate", "lr"}
+    overrides, _ = trial_overrides({"K": 20, "lambda1": 1.5, "corruption_rate": 0.2, "train.warmup_ratio": 0.05}, None)
+    assert overrides == {"batches.k": 20, "model.lambda_mnem": 1.5, "batches.mask_rate": 0.2, "train.warmup_ratio": 0.05}
+    trial = trial_config(config.dump(cfg), overrides)
+    assert (trial.batches.k, trial.model.lambda_mnem, trial.batches.mask_rate) == (20, 1.5, 0.2)
+    assert trial.model.hidden_size == cfg.model.hidden_size        # everything else is the base config
+    for bad, msg in (("sweep.space={pepr.alpha: {uniform: [0.1, 0.5]}}", "would need its stage rebuilt"),
+                     ("sweep.space={K: {uniform: [5, 1]}}", "low must be below high"),
+                     ("sweep.space={K: {choice: [5], uniform: [1, 2]}}", "exactly one of"),
+                     ("sweep.objective=proxy_f1", "needs sweep.proxy_task")):
+        with pytest.raises(ConfigError, match=msg):
+            config.load(ROOT / "configs" / "sweep-demo.yaml", [bad])
+
+
+def test_ablation_overrides_set_variant_and_seed():
+    overrides, tags = trial_overrides({"variant": "-know_loss", "seed": 1}, "smedbert")
+    assert overrides == {"model.use_knowledge_loss": False, "train.seed": 1, "batches.seed": 1}
+    assert tags == {"keplm.variant": "-know_loss", "keplm.seed": "1"}
+    assert trial_overrides({"variant": "ernie", "seed": 0}, "smedbert")[0]["model.kind"] == "ernie"
+
+
+# ------------------------------------------------------------------ compare arithmetic
+
+def _log_ablation(client, values: dict[str, list[float]]):
+    exp = client.create_experiment("abl")
+    parent = client.create_run(exp, run_name="ablate-x", tags={"keplm.job": "ablate"}).info.run_id
+    for variant, vals in values.items():
+        for seed, v in enumerate(vals):
+            rid = client.create_run(exp, run_name=f"{variant}-{seed}", tags={
+                "mlflow.parentRunId": parent, "keplm.variant": variant, "keplm.seed": str(seed)}).info.run_id
+            client.log_metric(rid, "val_mlm_loss", v)
+            client.log_metric(rid, "proxy_f1", 1 - v / 10)
+            client.set_terminated(rid)
+    bad = client.create_run(exp, run_name="broken", tags={"mlflow.parentRunId": parent, "keplm.variant": "broken"})
+    client.log_metric(bad.info.run_id, "val_mlm_loss", 0.0)     # lowest, but FAILED: must not win
+    client.set_terminated(bad.info.run_id, status="FAILED")
+    return parent
+
+
+@pytest.mark.parametrize("store", ["file", "sqlite"])
+def test_compare_table_means_stds_best_and_plots(tmp_path, store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 keeps file stores behind this switch
+    uri = (tmp_path / "mlruns").as_uri() if store == "file" else f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    parent = _log_ablation(client, {"full": [2.0, 2.2, 2.4], "-type_att": [3.0, 3.0], "mlm": [2.5]})
+    res = compare(client, "abl", tmp_path / "cmp")
+    assert res["parent_run"] == parent and res["failed_left_out"] == 1
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"full", "-type_att", "mlm"} and rows["full"]["n"] == 3
+    assert rows["full"]["val_mlm_loss"] == pytest.approx((2.2, 0.2))        # sample std
+    assert rows["-type_att"]["val_mlm_loss"] == pytest.approx((3.0, 0.0))
+    assert rows["mlm"]["proxy_f1"] == pytest.approx((0.75, 0.0))
+    assert res["best"] == {"val_mlm_loss": "full", "proxy_f1": "full"}   # lowest loss, highest F1
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| full | 3 | **2.2000 ± 0.2000** |" in md
+    csv_rows = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("variant,n,val_mlm_loss_mean,val_mlm_loss_std")
+    for name in ("bars_val_mlm_loss.png", "bars_proxy_f1.png"):
+        data = (tmp_path / "cmp" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 2000
+    logged = {a.path for a in client.list_artifacts(parent, "compare")}
+    assert "compare/comparison.md" in logged and "compare/bars_val_mlm_loss.png" in logged
+
+
+# ------------------------------------------------------------------ real sweeps (Tune + Train + MLflow server)
+
+@pytest.fixture(scope="module")
+def demo_sweep(tmp_path_factory, mlflow_server):
+    """4 trials of the demo sweep (OptunaSearch + ASHA) against a real mlflow server. The first trial is
+    forced (points_to_evaluate) to a batch no worker can fill, so it must raise."""
+    out = tmp_path_factory.mktemp("sweep")
+    base = yaml.safe_load((ROOT / "configs" / "sweep-demo.yaml").read_text(encoding="utf-8"))
+    space = {**base["sweep"]["space"], "train.batch_size": {"choice": [4, 100000]}}
+    forced = {"K": 10, "lambda1": 2.0, "lambda2": 4.0, "corruption_rate": 0.15, "lr": 1e-3, "train.batch_size": 100000}
+    cfg = out / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "extends": str(ROOT / "configs" / "sweep-demo.yaml"),
+        "tracking": {"uri": mlflow_server, "experiment": "sweep-test"},
+        "train": {"max_steps": 12, "checkpoint_every": 4},
+        "sweep": {"num_samples": 4, "space": space, "points_to_evaluate": [forced]}}, allow_unicode=True))
+    r = keplm("sweep", "--config", cfg, "--output", out / "run")
+    return out / "run", r, mlflow_server
+
+
+@pytest.mark.slow
+def test_sweep_logs_parent_and_children_and_writes_a_loadable_best_config(demo_sweep):
+    out, r, uri = demo_sweep
+    res = last_json(r)
+    assert res["trials"] == 4 and res["failed"] >= 1                         # the forced trial raised; the sweep went on
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    parents = client.search_runs([exp.experiment_id], "tags.`keplm.job` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.run_id == res["parent_run"]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{res['parent_run']}'")
+    assert len(children) == 4
+    statuses = sorted(c.info.status for c in children)
+    assert statuses.count("FAILED") == res["failed"] and "RUNNING" not in statuses
+    # exactly the trials with the unfillable batch failed (TPE may pick it again after the forced one)
+    assert all((c.info.status == "FAILED") == (c.data.params["train.batch_size"] == "100000") for c in children)
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert done and all("val_mlm_loss" in c.data.metrics and "objective" in c.data.metrics for c in done)
+    best = min((c for c in children if c.info.status != "FAILED"), key=lambda c: c.data.metrics["val_mlm_loss"])
+    assert res["best_value"] == pytest.approx(best.data.metrics["val_mlm_loss"])
+    # per-step metrics of a trial reached its child run
+    hist = client.get_metric_history(done[0].info.run_id, "loss")
+    assert [m.step for m in hist][:4] == [1, 2, 3, 4]
+    # the best config is what keplm pretrain loads, with the best trial's values in it
+    cfg = config.load(out / "best_config.yaml")
+    assert cfg.batches.k == int(best.data.params["batches.k"])
+    assert cfg.train.lr == pytest.approx(float(best.data.params["train.lr"]))
+    assert cfg.model.kind == "smedbert" and cfg.prepare.kg == "keplm://data/demo/kg"
+    assert {"best_config.yaml", "trials.csv"} <= {a.path for a in client.list_artifacts(res["parent_run"])}
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_sweep_restores_it_and_compare_plots_it(demo_sweep, tmp_path):
+    out, r, uri = demo_sweep
+    cfg = out.parent / "sweep.yaml"
+    again = keplm("sweep", "--config", cfg, "--output", out)
+    assert "resuming the Tune experiment" in again.stderr
+    assert last_json(again)["parent_run"] == last_json(r)["parent_run"] and last_json(again)["trials"] == 4
+    c = keplm("compare", "--experiment", "sweep-test", "--tracking-uri", uri, "--output", tmp_path / "cmp")
+    res = last_json(c)
+    assert res["job"] == "sweep" and res["failed_left_out"] == last_json(r)["failed"]
+    assert len(res["rows"]) == 4 - last_json(r)["failed"]
+    for name in ("sweep_K.png", "sweep_lr.png", "sweep_parallel_coordinates.png", "bars_val_mlm_loss.png"):
+        data = (tmp_path / "cmp" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 2000, name
+
+
+@pytest.mark.slow
+def test_ablate_runs_the_grid_with_seeds_and_compare_aggregates_it(tmp_path):
+    r = keplm("ablate", "--model", "smedbert", "--config", "configs/sweep-demo.yaml", "--output", tmp_path / "abl",
+              "ablate.variants=[full, -know_loss]", "ablate.seeds=2", "train.max_steps=8", "train.checkpoint_every=4")
+    res = last_json(r)
+    assert res["trials"] == 4 and res["failed"] == 0
+    uri = f"sqlite:///{tmp_path / 'abl' / 'mlflow.db'}"
+    c = last_json(keplm("compare", "--experiment", "keplm", "--tracking-uri", uri, "--output", tmp_path / "cmp"))
+    rows = {row["variant"]: row for row in c["rows"]}
+    assert set(rows) == {"full", "-know_loss"} and rows["full"]["n"] == rows["-know_loss"]["n"] == 2
+    assert "mnem_loss" in rows["full"] and "mnem_loss" not in rows["-know_loss"]   # the ablation removed its loss
+    children = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("keplm").experiment_id],
+                                             f"tags.`mlflow.parentRunId` = '{res['parent_run']}'")
+    vals = sorted(ch.data.metrics["val_mlm_loss"] for ch in children if ch.data.tags["keplm.variant"] == "full")
+    assert rows["full"]["val_mlm_loss"][0] == pytest.approx(sum(vals) / 2)
