@@ -1,0 +1,100 @@
+"""What ASHA saves: a 16-trial sweep on the demo with ASHA vs the same 16 trials run to the end (FIFO).
+Prints one JSON line: optimizer steps run in all trials (`trial_steps`, read from each trial's MLflow run),
+the saving (target >= 50 %), wall time, and whether the best trial of the full sweep survived ASHA
+(ran to max_steps there).
+
+Both sweeps evaluate the same 16 points of configs/sweep-demo.yaml's space (drawn once with a seeded
+RNG and given as ``sweep.points_to_evaluate``), so the comparison is trial for trial; 24 steps per trial,
+a report (checkpoint + val_mlm_loss) every 6 steps, ASHA grace 1 report, reduction factor 2.
+
+    python benchmarks/bench_sweep.py [--trials 16] [--steps 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def draw_points(space: dict, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    points = []
+    for _ in range(n):
+        p = {}
+        for k, spec in space.items():
+            if "choice" in spec:
+                p[k] = rng.choice(spec["choice"])
+            elif "uniform" in spec:
+                p[k] = rng.uniform(*spec["uniform"])
+            elif "loguniform" in spec:
+                lo, hi = spec["loguniform"]
+                p[k] = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+            else:
+                p[k] = rng.randint(*spec["randint"])
+        points.append(p)
+    return points
+
+
+def run_sweep(out: Path, scheduler: str, points: list[dict], steps: int) -> tuple[dict, float]:
+    cfg = out.with_suffix(".yaml")
+    cfg.write_text(yaml.safe_dump({"extends": str(ROOT / "configs" / "sweep-demo.yaml"),
+                                   "train": {"max_steps": steps, "checkpoint_every": steps // 4},
+                                   "sweep": {"scheduler": scheduler, "num_samples": len(points),
+                                             "points_to_evaluate": points}}))
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "keplm.jobs.cli", "sweep", "--config", str(cfg), "--output", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1]), time.perf_counter() - t
+
+
+def trial_table(out: Path) -> dict[str, tuple[int, float | None]]:
+    """point (as JSON) -> (steps run, last val_mlm_loss) from the sweep's trials.csv."""
+    import csv
+
+    rows = {}
+    with open(out / "trials.csv", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            rows[json.dumps(json.loads(row["config"]), sort_keys=True)] = (
+                int(row["steps"]), float(row["val_mlm_loss"]) if row["val_mlm_loss"] else None)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    space = yaml.safe_load((ROOT / "configs" / "sweep-demo.yaml").read_text(encoding="utf-8"))["sweep"]["space"]
+    points = draw_points(space, args.trials, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        full, full_s = run_sweep(Path(tmp) / "fifo", "fifo", points, args.steps)
+        asha, asha_s = run_sweep(Path(tmp) / "asha", "asha", points, args.steps)
+        t_full, t_asha = trial_table(Path(tmp) / "fifo"), trial_table(Path(tmp) / "asha")
+    best_key = min((k for k, v in t_full.items() if v[1] is not None), key=lambda k: t_full[k][1])
+    out = {"bench": "sweep", "trials": args.trials, "max_steps": args.steps,
+           "trial_steps_fifo": full["trial_steps"], "trial_steps_asha": asha["trial_steps"],
+           "asha_saving": round(1 - asha["trial_steps"] / full["trial_steps"], 3), "target_saving": 0.5,
+           "wall_s_fifo": round(full_s, 1), "wall_s_asha": round(asha_s, 1),
+           "trials_stopped_early_asha": sum(v[0] < args.steps for v in t_asha.values()),
+           "best_fifo_val_mlm_loss": t_full[best_key][1],
+           "best_fifo_survived_asha": t_asha.get(best_key, (0, None))[0] >= args.steps,
+           "best_asha_val_mlm_loss": asha.get("best_value")}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
