@@ -108,7 +108,7 @@ def test_float32_needs_a_loose_tolerance():
 
 def test_actor_pool_matches_in_process_solver(ray_local, tmp_path):
     build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
-    cfg = PEPRConfig(num_actors=2, batch_size=64, k_max=10, tol=1e-9, actor_num_cpus=0.5)
+    cfg = PEPRConfig(num_actors=2, batch_size=64, k_max=10, tol=1e-9, actor_num_cpus=0.5, solve="seeds")
     counts = run_neighbours(tmp_path / "g", tmp_path / "nb", cfg, {"pepr": cfg.model_dump()})
     got = pq.read_table(tmp_path / "nb" / "neighbours.parquet").to_pandas()
     g = load_graph(tmp_path / "g")
@@ -130,6 +130,38 @@ def test_linked_seeds_and_frequency_start(ray_local, tmp_path, demo_prepared):
     table, counts = compute_neighbours(g, cfg, num_samples=100)
     linked = set(np.flatnonzero(g.freq > 0).tolist())
     assert counts["seeds"] == len(linked) and set(table.column("entity").to_pylist()) <= linked
+
+
+@pytest.mark.parametrize("graph", ["demo", "random", "random-subset"])
+def test_cover_solves_fewer_and_gives_the_per_seed_scores(ray_local, tmp_path, graph):
+    """R[t,m] = d_t/d_m R[m,t]: solving a vertex cover of the seeds' edges gives every score the
+    per-seed solves give (to the tolerance), with fewer solves."""
+    from types import SimpleNamespace
+
+    if graph == "demo":
+        build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
+        g = load_graph(tmp_path / "g")
+        seeds = np.arange(g.num_entities)
+    else:
+        n, h, r, t = random_kg(5, n=300, m=900)
+        a, rel, inv, deg = adjacency_from_triples(n, h, r, t)
+        g = SimpleNamespace(adjacency=a, edge_relation=rel, edge_inverse=inv, degree=deg, freq=None, num_entities=n)
+        seeds = np.arange(n) if graph == "random" else np.random.default_rng(1).choice(n, 120, replace=False)
+    k = int(g.degree.max())                                              # no truncation: compare whole lists
+    base = dict(num_actors=2, batch_size=32, k_max=k, tol=1e-10, actor_num_cpus=0.5)
+    cover, c_counts = compute_neighbours(g, PEPRConfig(**base, solve="cover"), seeds=seeds)
+    per_seed, s_counts = compute_neighbours(g, PEPRConfig(**base, solve="seeds"), seeds=seeds)
+    assert s_counts["solves"] == len(seeds)
+    if graph == "random-subset":   # a cover of a few seeds' edges is no smaller than the seeds: they are used
+        assert c_counts["solves"] <= len(seeds)
+    else:
+        assert c_counts["solves"] < len(seeds)
+    a, b = cover.to_pandas(), per_seed.to_pandas()
+    assert len(a) == len(b) == int(g.degree[seeds].sum())
+    pair = a.merge(b, on=["entity", "neighbour"], suffixes=("_c", "_s"))
+    assert len(pair) == len(a) and (pair["relation_c"] == pair["relation_s"]).all()
+    assert np.abs(pair["score_c"] - pair["score_s"]).max() <= 2e-10
+    np.testing.assert_allclose(a["score"], b["score"], atol=2e-10)      # same scores rank by rank
 
 
 @pytest.mark.slow
