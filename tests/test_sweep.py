@@ -180,3 +180,17 @@ def test_ablate_runs_the_grid_with_seeds_and_compare_aggregates_it(tmp_path):
                                              f"tags.`mlflow.parentRunId` = '{res['parent_run']}'")
     vals = sorted(ch.data.metrics["val_mlm_loss"] for ch in children if ch.data.tags["keplm.variant"] == "full")
     assert rows["full"]["val_mlm_loss"][0] == pytest.approx(sum(vals) / 2)
+
+
+@pytest.mark.parametrize("model", ["smedbert", "kebiolm"])
+def test_every_ablation_variant_is_a_valid_config(model):
+    from keplm.tuning.space import ABLATION_GRIDS
+
+    base = config.dump(config.load(ROOT / "configs" / "sweep-demo.yaml", [f"model.kind={model}"]))
+    for variant, over in ABLATION_GRIDS[model].items():
+        overrides, tags = trial_overrides({"variant": variant, "seed": 0}, model)
+        cfg = trial_config(base, overrides)
+        for key, value in over.items():
+            section, name = key.split(".")
+            assert getattr(getattr(cfg, section), name) == value, (variant, key)
+        assert tags["keplm.variant"] == variant

@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def register_ablate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="a paper's ablation grid x seeds as Tune grid trials")
     add_common_args(p)
-    p.add_argument("--model", default="smedbert", help="whose grid (smedbert)")
+    p.add_argument("--model", default="smedbert", help="whose grid: smedbert (SMedBERT Table 4 + baselines) or kebiolm (KeBioLM Tables 3-4)")
     p.set_defaults(func=run_ablate)
 
 

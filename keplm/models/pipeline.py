@@ -20,7 +20,8 @@ from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import MANIFEST, hash_inputs, read_manifest, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
-NEEDS = {"smedbert": ("neighbours", "transr"), "ernie": (None, "transe"), "mlm": (None, None), "wem": (None, None)}
+NEEDS = {"smedbert": ("neighbours", "transr"), "ernie": (None, "transe"), "kebiolm": (None, "transe"),
+         "mlm": (None, None), "wem": (None, None)}
 
 
 def _stage(out: Path, key_parts: dict, run) -> Path:

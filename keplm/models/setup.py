@@ -2,7 +2,8 @@
 
 ``model.kind``: ``smedbert`` (needs ``neighbours`` from ``kg neighbours`` and TransR ``embeddings`` from
 ``kg embed``), ``mlm`` (plain MLM + SOP), ``wem`` (the same network, whole-entity masking), ``ernie``
-(entity fusion; needs entity ``embeddings``, TransE in the papers). The backbone starts from random
+(entity fusion; needs entity ``embeddings``, TransE in the papers), ``kebiolm`` (KeBioLM: entity detection,
+linking and fusion; TransE ``embeddings``). The backbone starts from random
 init, or from a local BERT checkpoint directory (``model.init``; never a hub name).
 """
 
@@ -16,6 +17,7 @@ from pydantic import Field
 
 from keplm.models.baselines import KeplmBertConfig, KeplmBertForPreTraining
 from keplm.models.data import KnowledgeCollator, KnowledgeIndex
+from keplm.models.kebiolm import KeBioLMConfig, KeBioLMForPreTraining
 from keplm.models.smedbert import SMedBertConfig, SMedBertForPreTraining
 from keplm.platform.config import Section, resolve_path
 from keplm.platform.errors import KeplmError
@@ -23,7 +25,7 @@ from keplm.platform.tokenizer import load_tokenizer
 
 
 class ModelConfig(Section):
-    kind: Literal["smedbert", "mlm", "wem", "ernie"] = "smedbert"
+    kind: Literal["smedbert", "mlm", "wem", "ernie", "kebiolm"] = "smedbert"
     init: str | None = Field(None, description="local BERT checkpoint dir for the backbone; unset: random init")
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -41,6 +43,14 @@ class ModelConfig(Section):
     use_hybrid_attention: bool = True
     use_knowledge_loss: bool = True
     kg_trainable: bool = False
+    text_layers: int = Field(8, ge=1, description="KeBioLM l0: text-only layers before detection/linking/fusion")
+    top_k_entities: int = Field(100, ge=1, description="KeBioLM: entities in e'_m (eq. 3)")
+    el_negatives: int | None = Field(None, ge=1, description="KeBioLM: sampled-softmax negatives for L_EL; "
+                                                            "unset: exact softmax over all entities")
+    entity_init: Literal["transe", "random"] = Field("transe", description="KeBioLM: random = the paper's +rand")
+    freeze_entities: bool = Field(False, description="KeBioLM: the paper's +frz")
+    lambda_ed: float = Field(1.0, ge=0)
+    lambda_el: float = Field(1.0, ge=0)
 
 
 class BatchConfig(Section):
@@ -56,7 +66,7 @@ class BatchConfig(Section):
 
 @dataclass
 class PretrainingSetup:
-    model: SMedBertForPreTraining | KeplmBertForPreTraining
+    model: SMedBertForPreTraining | KeplmBertForPreTraining | KeBioLMForPreTraining
     collator: KnowledgeCollator
     tokenizer: object
     knowledge: KnowledgeIndex | None
@@ -110,6 +120,19 @@ def build_pretraining_setup(cfg: ModelConfig, batches: BatchConfig, prepare_dir:
         config._attn_implementation = cfg.attn_implementation
         model = SMedBertForPreTraining(config)
         model.load_kg(ent, rel, proj)
+    elif cfg.kind == "kebiolm":
+        knowledge = None
+        if embed_dir is None and arrays is None:
+            raise KeplmError("model.kind=kebiolm needs --embeddings (kg embed, TransE: entity_emb)")
+        ent = embeddings()["entity_emb"]
+        config = KeBioLMConfig(**kw, num_entities=ent.shape[0], entity_dim=ent.shape[1],
+                               text_layers=min(cfg.text_layers, kw["num_hidden_layers"]), entity_top_k=cfg.top_k_entities,
+                               el_negatives=cfg.el_negatives, entity_trainable=not cfg.freeze_entities,
+                               lambda_ed=cfg.lambda_ed, lambda_el=cfg.lambda_el)
+        config._attn_implementation = cfg.attn_implementation
+        model = KeBioLMForPreTraining(config)
+        if cfg.entity_init == "transe":
+            model.load_kg(ent)
     else:
         knowledge = None
         fusion = cfg.kind == "ernie"
@@ -132,7 +155,7 @@ def build_pretraining_setup(cfg: ModelConfig, batches: BatchConfig, prepare_dir:
         missing, unexpected = model.bert.load_state_dict(backbone.state_dict(), strict=False)
         if unexpected or [m for m in missing if not m.startswith("pooler")]:
             raise KeplmError(f"model.init {cfg.init}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    wem = batches.whole_entity_masking if batches.whole_entity_masking is not None else cfg.kind in ("smedbert", "wem")
+    wem = batches.whole_entity_masking if batches.whole_entity_masking is not None else cfg.kind in ("smedbert", "wem", "kebiolm")
     collator = KnowledgeCollator(
         tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id, vocab, knowledge=knowledge,
         mask_rate=batches.mask_rate, whole_entity_masking=wem, k=batches.k, max_mentions=batches.max_mentions,

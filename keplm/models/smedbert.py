@@ -74,6 +74,8 @@ class KnowledgePreTrainingOutput(ModelOutput):
     sop_loss: torch.Tensor | None = None
     mnem_loss: torch.Tensor | None = None
     mmem_loss: torch.Tensor | None = None
+    ed_loss: torch.Tensor | None = None       # KeBioLM entity detection
+    el_loss: torch.Tensor | None = None       # KeBioLM entity linking
     mlm_logits: torch.Tensor | None = None
     sop_logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None

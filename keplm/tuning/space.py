@@ -123,6 +123,14 @@ ABLATION_GRIDS: dict[str, dict[str, dict[str, Any]]] = {
         "whole_entity": {"model.kind": "wem"},
         "ernie": {"model.kind": "ernie"},
     },
+    "kebiolm": {    # KeBioLM Tables 3-4
+        "full": {},
+        "-wem": {"batches.whole_entity_masking": False},
+        "+rand": {"model.entity_init": "random"},
+        "+frz": {"model.freeze_entities": True},
+        "l0=4,l1=8": {"model.text_layers": 4},
+        "l0=12,l1=0": {"model.text_layers": 12},
+    },
 }
 
 
