@@ -21,7 +21,7 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
-from keplm.models.modules import PreTrainingHeadsMixin, add_losses, make_heads, run_bert
+from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, make_heads, run_bert
 from keplm.models.smedbert import KnowledgePreTrainingOutput
 
 
@@ -64,12 +64,8 @@ class KeplmBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
             self.fusion = EntityFusion(config)
         self.post_init()
 
-    @torch.no_grad()
     def load_kg(self, entity_emb, *_) -> None:
-        value = torch.as_tensor(entity_emb, dtype=self.entity_emb.dtype)
-        if tuple(value.shape) != tuple(self.entity_emb.shape):
-            raise ValueError(f"entity embedding shape {tuple(value.shape)} != model's {tuple(self.entity_emb.shape)}")
-        self.entity_emb.copy_(value)
+        copy_into(self.entity_emb, entity_emb, "entity embedding")
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, sop_label=None,
                 token_entity=None, **_) -> KnowledgePreTrainingOutput:

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
-from keplm.models.modules import PreTrainingHeadsMixin, add_losses, make_heads, run_bert
+from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, make_heads, run_bert
 from keplm.models.smedbert import KnowledgePreTrainingOutput
 
 BIO_O, BIO_B, BIO_I = 0, 1, 2
@@ -109,12 +109,8 @@ class KeBioLMForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
         self.entity_out = nn.Linear(d, h)              # W_e, b_e
         self.post_init()
 
-    @torch.no_grad()
     def load_kg(self, entity_emb, *_) -> None:
-        value = torch.as_tensor(entity_emb, dtype=self.entity_emb.dtype)
-        if tuple(value.shape) != tuple(self.entity_emb.shape):
-            raise ValueError(f"entity embedding shape {tuple(value.shape)} != model's {tuple(self.entity_emb.shape)}")
-        self.entity_emb.copy_(value)
+        copy_into(self.entity_emb, entity_emb, "entity embedding")
 
     def _negatives(self, device) -> torch.Tensor | None:
         n = self.config.el_negatives

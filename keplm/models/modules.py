@@ -95,3 +95,12 @@ def add_losses(*terms: tuple[float, torch.Tensor | None]) -> torch.Tensor | None
         if value is not None and weight:
             total = weight * value if total is None else total + weight * value
     return total
+
+
+@torch.no_grad()
+def copy_into(param: torch.Tensor, value, what: str) -> None:
+    """Load KG tensors (numpy or torch) into a parameter of the same shape, or say which shapes differ."""
+    value = torch.as_tensor(value, dtype=param.dtype)
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"{what} shape {tuple(value.shape)} != model's {tuple(param.shape)}")
+    param.copy_(value)

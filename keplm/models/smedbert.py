@@ -38,7 +38,7 @@ from transformers import BertConfig
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
-from keplm.models.modules import (PreTrainingHeadsMixin, SelfAttentivePooling, add_losses, gather_spans,
+from keplm.models.modules import (PreTrainingHeadsMixin, SelfAttentivePooling, add_losses, copy_into, gather_spans,
                                   make_heads, masked_softmax, run_bert)
 
 
@@ -200,10 +200,7 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
     def load_kg(self, entity_emb, relation_emb, relation_proj) -> None:
         """Copy the TransR tensors of ``keplm kg embed`` (row i = entity/relation id i)."""
         for param, value in ((self.kg.entity, entity_emb), (self.kg.relation, relation_emb), (self.kg.proj, relation_proj)):
-            value = torch.as_tensor(value, dtype=param.dtype)
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"KG tensor shape {tuple(value.shape)} != model's {tuple(param.shape)}")
-            param.copy_(value)
+            copy_into(param, value, "KG tensor")
 
     def _mention_repr(self, hidden, spans, span_mask):
         """eq. 12 / eq. 20: LN(σ(f_sp(span tokens)·W_sa))."""
