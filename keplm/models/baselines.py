@@ -21,6 +21,7 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
+from keplm.models.embert import apply_objectives, objectives_for
 from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, make_heads, run_bert
 from keplm.models.smedbert import KnowledgePreTrainingOutput
 
@@ -62,13 +63,14 @@ class KeplmBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
             self.entity_emb = nn.Parameter(torch.zeros(config.num_entities, config.entity_dim),
                                            requires_grad=config.kg_trainable)
             self.fusion = EntityFusion(config)
+        self.entity_objectives = objectives_for(config)
         self.post_init()
 
     def load_kg(self, entity_emb, *_) -> None:
         copy_into(self.entity_emb, entity_emb, "entity embedding")
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, sop_label=None,
-                token_entity=None, **_) -> KnowledgePreTrainingOutput:
+                token_entity=None, **batch) -> KnowledgePreTrainingOutput:
         cfg = self.config
         hook = None
         if cfg.entity_fusion and token_entity is not None and bool((token_entity >= 0).any()):
@@ -81,5 +83,6 @@ class KeplmBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids,
                        after_layer=min(cfg.fusion_layer, cfg.num_hidden_layers), hook=hook)
         mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label)
-        return KnowledgePreTrainingOutput(loss=add_losses((1.0, mlm), (1.0, sop)), mlm_loss=mlm, sop_loss=sop,
-                                          mlm_logits=mlm_logits, sop_logits=sop_logits, last_hidden_state=seq)
+        terms, entity_losses = apply_objectives(self, seq, batch)
+        return KnowledgePreTrainingOutput(loss=add_losses((1.0, mlm), (1.0, sop), *terms), mlm_loss=mlm, sop_loss=sop,
+                                          **entity_losses, mlm_logits=mlm_logits, sop_logits=sop_logits, last_hidden_state=seq)

@@ -22,6 +22,10 @@ A row is one shard row (``input_ids`` with [CLS]/[SEP], ``mentions`` with token 
   (Q(e) = (t_e + 1) / (C_τ + n_τ)) so that entities never seen in the corpus have a finite log Q;
   ``log_q_pos`` / ``log_q_neg`` carry log Q for the correction of eq. 19.
 - ``token_entity``: the linked entity id of every token inside a mention (−1 elsewhere), for ERNIE fusion.
+- **EMBERT targets** (with ``entity_tasks``, see keplm.models.embert): before SOP, ``cecp_rate`` of the
+  mentions are replaced by a synonym or a random entity; after it, segmentation labels for every mention
+  and, for ``bem_rate`` of the long ones, one masked term; ``seg_labels``, ``cecp_spans``/``cecp_labels``,
+  ``bem_positions``/``bem_anchor``/``bem_relative``/``bem_labels``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from keplm.models.embert import entity_task_tensors
 from keplm.platform.errors import KeplmError
 
 
@@ -108,7 +113,8 @@ class KnowledgeCollator:
     def __init__(self, cls_id: int, sep_id: int, mask_id: int, pad_id: int, vocab_size: int,
                  knowledge: KnowledgeIndex | None = None, mask_rate: float = 0.15, whole_entity_masking: bool = False,
                  k: int = 10, max_mentions: int = 32, num_negatives: int = 10, max_seq_len: int = 512,
-                 sop: bool = True, min_sop_tokens: int = 4, special_ids: tuple[int, ...] = (), seed: int = 0):
+                 sop: bool = True, min_sop_tokens: int = 4, special_ids: tuple[int, ...] = (), seed: int = 0,
+                 entity_tasks=None, cecp_rate: float = 0.0, bem_rate: float = 0.0):
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = cls_id, sep_id, mask_id, pad_id
         self.vocab_size = vocab_size
         self.special = np.array(sorted({cls_id, sep_id, mask_id, pad_id, *special_ids}))
@@ -116,29 +122,30 @@ class KnowledgeCollator:
         self.mask_rate, self.whole_entity_masking = mask_rate, whole_entity_masking
         self.k, self.max_mentions, self.num_negatives = k, max_mentions, num_negatives
         self.max_seq_len, self.sop, self.min_sop_tokens = max_seq_len, sop, min_sop_tokens
+        self.entity_tasks, self.cecp_rate, self.bem_rate = entity_tasks, cecp_rate, bem_rate
         self.rng = np.random.default_rng(seed)
         self.stats: Counter = Counter()
 
     # ------------------------------------------------------------------ one row
 
-    def _sop(self, ids: list[int], mentions: list[tuple[int, int, int]]):
-        """-> (ids, token types, mentions in new positions, label)."""
+    def _sop(self, ids: list[int], mentions: list[tuple]):
+        """-> (ids, token types, mentions (start, end, *fields) in new positions, label)."""
         inner = ids[1:-1] if ids and ids[0] == self.cls_id and ids[-1] == self.sep_id else list(ids)
         limit = self.max_seq_len - (3 if self.sop else 2)
         self.stats["tokens_cut_by_length"] += max(len(inner) - limit, 0)
         inner = inner[:limit]
-        ms = [(s - 1, e - 1, ent) for s, e, ent in mentions]
-        kept = [(s, e, ent) for s, e, ent in ms if e <= len(inner)]
+        ms = [(s - 1, e - 1, *rest) for s, e, *rest in mentions]
+        kept = [m for m in ms if m[1] <= len(inner)]
         self.stats["mentions_cut_by_length"] += len(ms) - len(kept)
         n = len(inner)
         if not self.sop or n < self.min_sop_tokens:
-            return [self.cls_id, *inner, self.sep_id], [0] * (n + 2), [(s + 1, e + 1, ent) for s, e, ent in kept], -100
+            return [self.cls_id, *inner, self.sep_id], [0] * (n + 2), [(s + 1, e + 1, *r) for s, e, *r in kept], -100
         inside = np.zeros(n + 1, bool)  # inside[p]: cutting before token p would split a mention
-        for s, e, _ in kept:
+        for s, e, *_ in kept:
             inside[s + 1:e] = True
         cand = np.flatnonzero(~inside[1:n]) + 1
         if len(cand) == 0:
-            return [self.cls_id, *inner, self.sep_id], [0] * (n + 2), [(s + 1, e + 1, ent) for s, e, ent in kept], -100
+            return [self.cls_id, *inner, self.sep_id], [0] * (n + 2), [(s + 1, e + 1, *r) for s, e, *r in kept], -100
         p = int(cand[np.argmin(np.abs(cand - n / 2))])
         swap = bool(self.rng.random() < 0.5)
         parts = [(0, p), (p, n)][::-1] if swap else [(0, p), (p, n)]
@@ -147,24 +154,26 @@ class KnowledgeCollator:
         new_ids = [self.cls_id, *inner[parts[0][0]:parts[0][1]], self.sep_id, *inner[parts[1][0]:parts[1][1]], self.sep_id]
         types = [0] * (first_len + 2) + [1] * (n - first_len + 1)
         moved = []
-        for s, e, ent in kept:
+        for s, e, *rest in kept:
             lo = 0 if s < p else p
             shift = starts[lo] - lo
-            moved.append((s + shift, e + shift, ent))
+            moved.append((s + shift, e + shift, *rest))
         moved.sort()
         return new_ids, types, moved, int(swap)
 
-    def _mask(self, ids: np.ndarray, mentions) -> np.ndarray:
+    def _mask(self, ids: np.ndarray, mentions, exclude: np.ndarray | None = None) -> np.ndarray:
+        """``exclude``: tokens another objective predicts (never chosen, and they count in no budget)."""
         labels = np.full(len(ids), -100, np.int64)
-        candidates = np.flatnonzero(~np.isin(ids, self.special))
+        allowed = ~np.isin(ids, self.special) if exclude is None else ~np.isin(ids, self.special) & ~exclude
+        candidates = np.flatnonzero(allowed)
         if len(candidates) == 0:
             return labels
         budget = max(1, int(round(self.mask_rate * len(candidates))))
         chosen = np.zeros(len(ids), bool)
         if self.whole_entity_masking and mentions:
             for i in self.rng.permutation(len(mentions)):
-                s, e, _ = mentions[i]
-                if chosen.sum() + (e - s) <= budget:
+                s, e = mentions[i][:2]
+                if allowed[s:e].all() and chosen.sum() + (e - s) <= budget:
                     chosen[s:e] = True
         rest = budget - int(chosen.sum())
         if rest > 0:
@@ -181,15 +190,23 @@ class KnowledgeCollator:
     # ------------------------------------------------------------------ batch
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        samples = []
+        samples, targets = [], []
         for row in rows:
             ms = sorted((int(m["token_start"]), int(m["token_end"]), int(m["entity"])) for m in (row.get("mentions") or []))
-            ids, types, ms, sop = self._sop(list(row["input_ids"]), ms)
+            ids = list(row["input_ids"])
+            if self.entity_tasks is not None:
+                ids, ms = self.entity_tasks.replace(ids, ms, self.cecp_rate, self.rng, self.stats)
+            ids, types, ms, sop = self._sop(ids, ms)
             if len(ms) > self.max_mentions:
                 self.stats["mentions_truncated"] += len(ms) - self.max_mentions
                 ms = ms[: self.max_mentions]
             ids = np.asarray(ids, np.int64)
-            labels = self._mask(ids, ms)
+            exclude = None
+            if self.entity_tasks is not None:
+                row_targets, exclude = self.entity_tasks.annotate(ids, ms, self.bem_rate, self.mask_id, self.rng,
+                                                                  self.stats)
+                targets.append(row_targets)
+            labels = self._mask(ids, ms, exclude)
             samples.append((ids, np.asarray(types), labels, ms, sop))
         b = len(samples)
         t = max(len(s[0]) for s in samples)
@@ -211,11 +228,13 @@ class KnowledgeCollator:
             out["attention_mask"][i, :n] = 1
             out["token_type_ids"][i, :n] = torch.from_numpy(types)
             out["labels"][i, :n] = torch.from_numpy(labels)
-            for j, (s, e, ent) in enumerate(ms):
+            for j, (s, e, ent, *_) in enumerate(ms):
                 out["mention_spans"][i, j] = torch.tensor([s, e])
                 out["mention_mask"][i, j] = True
                 out["mention_entity"][i, j] = ent
                 out["token_entity"][i, s:e] = ent
+        if self.entity_tasks is not None:
+            out.update(entity_task_tensors(targets, t))
         if self.knowledge is not None:
             out.update(self._neighbours(out["mention_entity"].numpy(), out["mention_mask"].numpy()))
         self.stats["samples"] += b

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
+from keplm.models.embert import apply_objectives, objectives_for
 from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, make_heads, run_bert
 from keplm.models.smedbert import KnowledgePreTrainingOutput
 
@@ -107,6 +108,7 @@ class KeBioLMForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
         self.detect = nn.Linear(h, 3)                  # W_l, b_l
         self.mention_proj = nn.Linear(2 * h, d)        # W_m, b_m
         self.entity_out = nn.Linear(d, h)              # W_e, b_e
+        self.entity_objectives = objectives_for(config)
         self.post_init()
 
     def load_kg(self, entity_emb, *_) -> None:
@@ -119,7 +121,7 @@ class KeBioLMForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
         return torch.randperm(self.config.num_entities, device=device)[:min(n, self.config.num_entities)]
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, sop_label=None,
-                mention_spans=None, mention_mask=None, mention_entity=None, **_) -> KnowledgePreTrainingOutput:
+                mention_spans=None, mention_mask=None, mention_entity=None, **batch) -> KnowledgePreTrainingOutput:
         cfg = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -157,7 +159,8 @@ class KeBioLMForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
 
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids, after_layer=cfg.text_layers, hook=hook)
         mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label)
-        loss = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_ed, extra["ed"]), (cfg.lambda_el, extra["el"]))
+        terms, entity_losses = apply_objectives(self, seq, batch)
+        loss = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_ed, extra["ed"]), (cfg.lambda_el, extra["el"]), *terms)
         return KnowledgePreTrainingOutput(loss=loss, mlm_loss=mlm, sop_loss=sop, ed_loss=extra["ed"],
-                                          el_loss=extra["el"], mlm_logits=mlm_logits, sop_logits=sop_logits,
+                                          el_loss=extra["el"], **entity_losses, mlm_logits=mlm_logits, sop_logits=sop_logits,
                                           last_hidden_state=seq)

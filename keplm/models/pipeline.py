@@ -21,7 +21,7 @@ from keplm.platform.manifest import MANIFEST, hash_inputs, read_manifest, sha256
 
 log = logging.getLogger(__name__)
 NEEDS = {"smedbert": ("neighbours", "transr"), "ernie": (None, "transe"), "kebiolm": (None, "transe"),
-         "mlm": (None, None), "wem": (None, None)}
+         "mlm": (None, None), "wem": (None, None), "embert": (None, None)}
 
 
 def _stage(out: Path, key_parts: dict, run) -> Path:
@@ -56,8 +56,12 @@ def ensure_stages(cfg, out: Path, prepared: str | Path | None = None, neighbours
     from keplm.kg.pepr import run_neighbours
     from keplm.kg.prepare import run_prepare
 
+    from keplm.models.setup import needs_graph
+
     dump = dump_config(cfg)
-    need_nb, need_embed = NEEDS[kind or cfg.model.kind]
+    kind = kind or cfg.model.kind
+    need_nb, need_embed = NEEDS[kind]
+    need_graph = needs_graph(cfg.model.model_copy(update={"kind": kind}))
     if prepared:
         prepared = Path(prepared)
         read_manifest(prepared, "prepare")
@@ -67,16 +71,17 @@ def ensure_stages(cfg, out: Path, prepared: str | Path | None = None, neighbours
         inputs = hash_inputs([resolve_path(c) for c in cfg.prepare.corpus] + [resolve_path(cfg.prepare.kg)])
         prepared = _stage(out / "prepare", {"prepare": dump["prepare"], "inputs": inputs},
                           lambda d: run_prepare(cfg.prepare, d, {"prepare": dump["prepare"]}))
-    stages: dict[str, Path | None] = {"prepare": prepared, "neighbours": None, "embed": None}
-    if need_nb is None and need_embed is None:
+    stages: dict[str, Path | None] = {"prepare": prepared, "neighbours": None, "embed": None, "graph": None}
+    if need_nb is None and need_embed is None and not need_graph:
         return stages
     kg_dir = resolve_path(cfg.prepare.kg) if cfg.prepare.kg else None
     graph = None
-    if (need_nb and not neighbours) or (need_embed and not embeddings):
+    if (need_nb and not neighbours) or (need_embed and not embeddings) or need_graph:
         if kg_dir is None:
             raise KeplmError("pretrain: prepare.kg is needed to build the graph")
         graph = _stage(out / "graph", {"graph": dump["graph"], "kg": hash_inputs([kg_dir]), "corpus": _manifest_hash(prepared)},
                        lambda d: build_graph(kg_dir, d, cfg.graph, {"graph": dump["graph"]}, corpus_dir=prepared))
+        stages["graph"] = graph
     if need_nb:
         stages["neighbours"] = Path(neighbours) if neighbours else _stage(
             out / "neighbours", {"pepr": dump["pepr"], "graph": _manifest_hash(graph)},
@@ -97,8 +102,8 @@ def check_lineage(stages: dict[str, Path | None]) -> dict[str, str]:
     prepared = stages["prepare"]
     want = _entity_names_hash(prepared)
     tags = {"lineage.prepare": "manifest:" + _manifest_hash(prepared)}
-    for name in ("neighbours", "embed"):
-        d = stages[name]
+    for name in ("neighbours", "embed", "graph"):
+        d = stages.get(name)
         if d is None:
             continue
         read_manifest(d)
@@ -134,8 +139,19 @@ def training_inputs(cfg, stages: dict[str, Path | None], train_dir: Path) -> dic
         arrays_ref = ray.put(load_embeddings(stages["embed"]))
     if stages["neighbours"] is not None:
         knowledge_ref = ray.put(KnowledgeIndex.load(stages["neighbours"]))
+    tasks_ref = None
+    if cfg.model.entity_objectives:
+        from keplm.models.embert import EntityTasks
+        from keplm.platform.tokenizer import load_tokenizer
+
+        if stages.get("graph") is None:
+            raise KeplmError(f"model objectives {cfg.model.entity_objectives} need the graph stage (kg build)")
+        tasks = EntityTasks.build(stages["graph"], load_tokenizer(str(stages["prepare"] / "tokenizer")), cfg.batches.segment)
+        log.warning("pretrain: EMBERT thesaurus of %d entities; %s", len(tasks.surfaces), dict(tasks.counts))
+        tasks_ref = ray.put(tasks)
     context = {"model": cfg.model.model_dump(mode="json"), "batches": cfg.batches.model_dump(mode="json"),
-               "prepare_dir": str(stages["prepare"].resolve()), "arrays": arrays_ref, "knowledge": knowledge_ref}
+               "prepare_dir": str(stages["prepare"].resolve()), "arrays": arrays_ref, "knowledge": knowledge_ref,
+               "entity_tasks": tasks_ref}
     return {"files": files, "val_files": val_files, "context": context}
 
 

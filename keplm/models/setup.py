@@ -3,8 +3,13 @@
 ``model.kind``: ``smedbert`` (needs ``neighbours`` from ``kg neighbours`` and TransR ``embeddings`` from
 ``kg embed``), ``mlm`` (plain MLM + SOP), ``wem`` (the same network, whole-entity masking), ``ernie``
 (entity fusion; needs entity ``embeddings``, TransE in the papers), ``kebiolm`` (KeBioLM: entity detection,
-linking and fusion; TransE ``embeddings``). The backbone starts from random
+linking and fusion; TransE ``embeddings``), ``embert`` (EMBERT: the plain backbone with its three entity
+objectives; needs the ``graph`` for the synonym thesaurus). The backbone starts from random
 init, or from a local BERT checkpoint directory (``model.init``; never a hub name).
+
+Composition: ``model.objectives`` puts EMBERT's objectives (``cecp``, ``est``, ``bem``) on any kind — e.g.
+``kind: smedbert`` + ``objectives: [cecp, est, bem]`` + whole-entity masking trains SMedBERT's hybrid
+attention, MNeM and MMeM together with EMBERT's heads on one backbone; each loss is reported on its own.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from keplm.kg.segment import SegmentConfig
 from keplm.models.baselines import KeplmBertConfig, KeplmBertForPreTraining
 from keplm.models.data import KnowledgeCollator, KnowledgeIndex
+from keplm.models.embert import EntityTasks
 from keplm.models.kebiolm import KeBioLMConfig, KeBioLMForPreTraining
 from keplm.models.smedbert import SMedBertConfig, SMedBertForPreTraining
 from keplm.platform.config import Section, resolve_path
@@ -25,7 +32,7 @@ from keplm.platform.tokenizer import load_tokenizer
 
 
 class ModelConfig(Section):
-    kind: Literal["smedbert", "mlm", "wem", "ernie", "kebiolm"] = "smedbert"
+    kind: Literal["smedbert", "mlm", "wem", "ernie", "kebiolm", "embert"] = "smedbert"
     init: str | None = Field(None, description="local BERT checkpoint dir for the backbone; unset: random init")
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -51,6 +58,19 @@ class ModelConfig(Section):
     freeze_entities: bool = Field(False, description="KeBioLM: the paper's +frz")
     lambda_ed: float = Field(1.0, ge=0)
     lambda_el: float = Field(1.0, ge=0)
+    objectives: list[Literal["cecp", "est", "bem"]] | None = Field(
+        None, description="EMBERT objectives on this backbone; unset: all three for embert, none for the others")
+    lambda_cecp: float = Field(2.0, ge=0, description="EMBERT λ1")
+    lambda_est: float = Field(2.0, ge=0, description="EMBERT λ2")
+    lambda_bem: float = Field(0.5, ge=0, description="EMBERT λ3")
+    bem_position_dim: int = Field(200, ge=1, description="EMBERT: relative position embeddings of the BEM head")
+    bem_max_relative: int = Field(32, ge=1, description="EMBERT: relative positions beyond this are clipped")
+
+    @property
+    def entity_objectives(self) -> list[str]:
+        if self.objectives is not None:
+            return list(self.objectives)
+        return ["cecp", "est", "bem"] if self.kind == "embert" else []
 
 
 class BatchConfig(Section):
@@ -62,6 +82,10 @@ class BatchConfig(Section):
     max_seq_len: int = Field(512, ge=8)
     sop: bool = True
     seed: int = 0
+    cecp_rate: float = Field(0.3, ge=0, le=1, description="EMBERT: share of mentions replaced by a synonym or a "
+                                                          "random entity for consistency prediction (not given in the paper)")
+    bem_rate: float = Field(0.5, ge=0, le=1, description="EMBERT: share of long mentions with one term masked")
+    segment: SegmentConfig = Field(default_factory=SegmentConfig, description="EMBERT's entity segmentation rules")
 
 
 @dataclass
@@ -76,6 +100,9 @@ def _backbone_kwargs(cfg: ModelConfig, vocab_size: int) -> dict:
     kw = dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
               num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
               max_position_embeddings=cfg.max_position_embeddings)
+    objective_kw = dict(entity_objectives=cfg.entity_objectives, lambda_cecp=cfg.lambda_cecp, lambda_est=cfg.lambda_est,
+                        lambda_bem=cfg.lambda_bem, bem_position_dim=cfg.bem_position_dim,
+                        bem_max_relative=cfg.bem_max_relative)
     if cfg.init:
         from transformers import BertConfig
 
@@ -84,14 +111,21 @@ def _backbone_kwargs(cfg: ModelConfig, vocab_size: int) -> dict:
         if base.get("vocab_size") != vocab_size:
             raise KeplmError(f"model.init {cfg.init} has vocab_size {base.get('vocab_size')}, the corpus tokenizer "
                              f"{vocab_size}; prepare with that checkpoint's vocab (prepare.tokenizer)")
-    return kw
+    return {**kw, **objective_kw}
+
+
+def needs_graph(cfg: ModelConfig) -> bool:
+    """EMBERT's consistency prediction draws synonyms from the graph stage's aliases; segmentation its names."""
+    return bool(cfg.entity_objectives)
 
 
 def build_pretraining_setup(cfg: ModelConfig, batches: BatchConfig, prepare_dir: str | Path,
                             neighbours_dir: str | Path | None = None, embed_dir: str | Path | None = None,
-                            arrays: dict | None = None, knowledge: KnowledgeIndex | None = None) -> PretrainingSetup:
-    """``arrays`` / ``knowledge``: already loaded KG tensors / neighbour index (Ray workers get them from
-    the object store, once per node) instead of reading ``embed_dir`` / ``neighbours_dir``."""
+                            arrays: dict | None = None, knowledge: KnowledgeIndex | None = None,
+                            graph_dir: str | Path | None = None, entity_tasks: EntityTasks | None = None) -> PretrainingSetup:
+    """``arrays`` / ``knowledge`` / ``entity_tasks``: already loaded KG tensors / neighbour index / EMBERT
+    thesaurus (Ray workers get them from the object store, once per node) instead of reading
+    ``embed_dir`` / ``neighbours_dir`` / ``graph_dir``."""
     from keplm.kg.embed import load_embeddings
 
     def embeddings():
@@ -155,12 +189,20 @@ def build_pretraining_setup(cfg: ModelConfig, batches: BatchConfig, prepare_dir:
         missing, unexpected = model.bert.load_state_dict(backbone.state_dict(), strict=False)
         if unexpected or [m for m in missing if not m.startswith("pooler")]:
             raise KeplmError(f"model.init {cfg.init}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    objectives = cfg.entity_objectives
+    if objectives and entity_tasks is None:
+        if graph_dir is None:
+            raise KeplmError(f"model objectives {objectives} need the graph stage (kg build: names and aliases)")
+        entity_tasks = EntityTasks.build(graph_dir, tok, batches.segment)
     wem = batches.whole_entity_masking if batches.whole_entity_masking is not None else cfg.kind in ("smedbert", "wem", "kebiolm")
     collator = KnowledgeCollator(
         tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id, vocab, knowledge=knowledge,
         mask_rate=batches.mask_rate, whole_entity_masking=wem, k=batches.k, max_mentions=batches.max_mentions,
         num_negatives=batches.num_negatives, max_seq_len=min(batches.max_seq_len, kw["max_position_embeddings"]),
-        sop=batches.sop, special_ids=tuple(tok.all_special_ids), seed=batches.seed)
+        sop=batches.sop, special_ids=tuple(tok.all_special_ids), seed=batches.seed,
+        entity_tasks=entity_tasks if objectives else None,
+        cecp_rate=batches.cecp_rate if "cecp" in objectives else 0.0,
+        bem_rate=batches.bem_rate if "bem" in objectives else 0.0)
     return PretrainingSetup(model, collator, tok, knowledge)
 
 
@@ -170,6 +212,7 @@ def build_for_worker(context: dict):
 
     arrays = ray.get(context["arrays"]) if context.get("arrays") is not None else None
     knowledge = ray.get(context["knowledge"]) if context.get("knowledge") is not None else None
+    tasks = ray.get(context["entity_tasks"]) if context.get("entity_tasks") is not None else None
     setup = build_pretraining_setup(ModelConfig(**context["model"]), BatchConfig(**context["batches"]),
-                                    context["prepare_dir"], arrays=arrays, knowledge=knowledge)
+                                    context["prepare_dir"], arrays=arrays, knowledge=knowledge, entity_tasks=tasks)
     return setup.model, setup.collator

@@ -38,6 +38,7 @@ from transformers import BertConfig
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
+from keplm.models.embert import apply_objectives, objectives_for
 from keplm.models.modules import (PreTrainingHeadsMixin, SelfAttentivePooling, add_losses, copy_into, gather_spans,
                                   make_heads, masked_softmax, run_bert)
 
@@ -76,6 +77,9 @@ class KnowledgePreTrainingOutput(ModelOutput):
     mmem_loss: torch.Tensor | None = None
     ed_loss: torch.Tensor | None = None       # KeBioLM entity detection
     el_loss: torch.Tensor | None = None       # KeBioLM entity linking
+    cecp_loss: torch.Tensor | None = None     # EMBERT context-entity consistency prediction
+    est_loss: torch.Tensor | None = None      # EMBERT entity segmentation
+    bem_loss: torch.Tensor | None = None      # EMBERT bidirectional entity masking
     mlm_logits: torch.Tensor | None = None
     sop_logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
@@ -194,6 +198,7 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
             self.ctx_pool = SelfAttentivePooling(config.hidden_size)      # f_sp of eq. 12 / 20
             self.w_sa = nn.Linear(config.hidden_size, config.kg_dim, bias=False)
             self.ln_sa = nn.LayerNorm(config.kg_dim)
+        self.entity_objectives = objectives_for(config)
         self.post_init()
 
     @torch.no_grad()
@@ -210,7 +215,7 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, sop_label=None,
                 mention_spans=None, mention_mask=None, neighbour_ids=None, neighbour_relation=None,
                 neighbour_type=None, neighbour_mask=None, negative_ids=None, log_q_pos=None, log_q_neg=None,
-                **_) -> KnowledgePreTrainingOutput:
+                **batch) -> KnowledgePreTrainingOutput:
         cfg = self.config
         has_mentions = mention_spans is not None and mention_mask is not None and bool(mention_mask.any())
         hook = None
@@ -237,9 +242,10 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
             per_mention = ((h_mf - y) ** 2).sum(-1) * mention_mask                      # eq. 21
             mmem = per_mention.sum(1).mean()
 
-        loss = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_mnem, mnem), (cfg.lambda_mmem, mmem))
+        terms, entity_losses = apply_objectives(self, seq, batch)
+        loss = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_mnem, mnem), (cfg.lambda_mmem, mmem), *terms)
         return KnowledgePreTrainingOutput(loss=loss, mlm_loss=mlm, sop_loss=sop, mnem_loss=mnem, mmem_loss=mmem,
-                                          mlm_logits=mlm_logits, sop_logits=sop_logits, last_hidden_state=seq)
+                                          **entity_losses, mlm_logits=mlm_logits, sop_logits=sop_logits, last_hidden_state=seq)
 
     def mnem_loss(self, h_mf, nb_ids, nb_rel, nb_mask, neg_ids, log_q_pos, log_q_neg):
         """eq. 15 with eq. 19's logits: −log(e^{f(θ)} / (e^{f(θ)} + K·mean_n e^{f(θ'_n)})), mean over positives."""

@@ -122,6 +122,7 @@ ABLATION_GRIDS: dict[str, dict[str, dict[str, Any]]] = {
         "mlm": {"model.kind": "mlm"},
         "whole_entity": {"model.kind": "wem"},
         "ernie": {"model.kind": "ernie"},
+        "+embert_heads": {"model.objectives": ["cecp", "est", "bem"]},   # composition: EMBERT's heads on SMedBERT
     },
     "kebiolm": {    # KeBioLM Tables 3-4
         "full": {},
@@ -130,6 +131,15 @@ ABLATION_GRIDS: dict[str, dict[str, dict[str, Any]]] = {
         "+frz": {"model.freeze_entities": True},
         "l0=4,l1=8": {"model.text_layers": 4},
         "l0=12,l1=0": {"model.text_layers": 12},
+    },
+    "embert": {     # EMBERT Table 4 and the corruption rates of Table 5 (batches.mask_rate, 15 % in "full")
+        "full": {},
+        "-consistency": {"model.objectives": ["est", "bem"]},
+        "-bidirectional_mask": {"model.objectives": ["cecp", "est"]},
+        "-segmentation": {"model.objectives": ["cecp", "bem"]},
+        "-all": {"model.objectives": []},
+        "corruption=7.5%": {"batches.mask_rate": 0.075},
+        "corruption=25%": {"batches.mask_rate": 0.25},
     },
 }
 
