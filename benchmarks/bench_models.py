@@ -1,9 +1,12 @@
-"""Forward+backward step time of SMedBERT and each baseline vs plain BERT MLM, same config and batch.
+"""Forward+backward step time of SMedBERT, KeBioLM, EMBERT (and SMedBERT + EMBERT's heads) and the baselines vs
+plain BERT MLM, same config and batch.
 Prints one JSON line.
 
 Shapes: ``tiny`` (2 layers, hidden 128) and ``base`` (BERT-base: 12 layers, hidden 768, d2 = 200, K = 10)
 on CPU in fp32; with a GPU also BERT-base at seq 512 in bf16. Batches are synthetic but shaped as the
-collator makes them: mentions covering ~30 % of tokens, K neighbours each, 10 negatives per neighbour.
+collator makes them: mentions covering ~30 % of tokens, K neighbours each, 10 negatives per neighbour; for
+EMBERT 30 % of the mentions replaced (CECP), segmentation labels on every mention token, one 2-token term
+masked in half of them (BEM); KeBioLM with l0 = 2/3 of the layers, top-k 100, 4,096 sampled EL negatives.
 Median of ``--steps`` timed steps after ``--warmup`` steps.
 
     python benchmarks/bench_models.py [--steps 5] [--base-batch 4] [--base-seq 128]
@@ -18,13 +21,15 @@ import time
 
 import torch
 
-from keplm.models import KeplmBertConfig, KeplmBertForPreTraining, SMedBertConfig, SMedBertForPreTraining
+from keplm.models import (KeBioLMConfig, KeBioLMForPreTraining, KeplmBertConfig, KeplmBertForPreTraining,
+                          SMedBertConfig, SMedBertForPreTraining)
 
 SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512, kg_dim=64, hybrid=2),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, kg_dim=200, hybrid=10),
 }
 VOCAB, Z, R, TYPES = 21128, 25000, 9, 8
+EMBERT = ["cecp", "est", "bem"]
 
 
 def batch(b: int, t: int, k: int, n: int, device) -> dict:
@@ -50,6 +55,24 @@ def batch(b: int, t: int, k: int, n: int, device) -> dict:
         s, e = spans[0, j].tolist()
         te[:, s:e] = nb[:, j, 0:1]
     out["token_entity"] = te
+    out["mention_entity"] = nb[:, :, 0]
+    # EMBERT targets, shaped as KnowledgeCollator + EntityTasks make them
+    seg = torch.full((b, t), -100)
+    cecp = [j for j in range(m) if j % 10 < 3]
+    bem = [j for j in range(m) if j % 10 >= 3 and j % 2 == 0]
+    for j in range(m):
+        s, e = spans[0, j].tolist()
+        seg[:, s:e] = 0
+        seg[:, s + 1] = seg[:, e - 1] = 1
+    out["seg_labels"] = seg
+    out["cecp_spans"] = spans[:, cecp].clone()
+    out["cecp_labels"] = torch.randint(0, 2, (b, len(cecp)), generator=g)
+    pos = torch.tensor([spans[0, j, 1].item() - d for j in bem for d in (2, 1)])
+    anchor = torch.tensor([[spans[0, j, 0].item(), spans[0, j, 0].item() + 1] for j in bem for _ in (2, 1)])
+    out["bem_positions"] = pos.expand(b, -1).clone()
+    out["bem_anchor"] = anchor.expand(b, -1, 2).clone()
+    out["bem_relative"] = torch.tensor([0, 1] * len(bem)).expand(b, -1).clone()
+    out["bem_labels"] = ids[:, pos]
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -65,6 +88,11 @@ def models(shape: dict, seq: int):
                                                                  num_entities=Z, entity_dim=100)),
         "smedbert": lambda: SMedBertForPreTraining(SMedBertConfig(**common, **kg)),
         "smedbert_no_hybrid": lambda: SMedBertForPreTraining(SMedBertConfig(**common, **kg, use_hybrid_attention=False)),
+        "kebiolm": lambda: KeBioLMForPreTraining(KeBioLMConfig(
+            **common, num_entities=Z, entity_dim=100, text_layers=max(1, 2 * shape["num_hidden_layers"] // 3),
+            entity_top_k=100, el_negatives=4096)),
+        "embert": lambda: KeplmBertForPreTraining(KeplmBertConfig(**common, entity_objectives=EMBERT)),
+        "smedbert_embert": lambda: SMedBertForPreTraining(SMedBertConfig(**common, **kg, entity_objectives=EMBERT)),
     }
 
 
@@ -116,8 +144,9 @@ def main() -> None:
                run("base", args.base_batch, args.base_seq, cpu, torch.float32, args.steps, args.warmup)]
     if torch.cuda.is_available():
         results.append(run("base", 16, 512, torch.device("cuda"), torch.bfloat16, 10, 3))
-    print(json.dumps({"bench": "models", "target_smedbert_vs_bert_mlm": 1.2, "runs": results,
-                      "smedbert_vs_bert_mlm_max": max(r["smedbert_vs_bert_mlm"] for r in results)}))
+    print(json.dumps({"bench": "models", "target_vs_bert_mlm": 1.2, "runs": results,
+                      **{f"{k}_vs_bert_mlm_max": max(r[f"{k}_vs_bert_mlm"] for r in results)
+                         for k in ("smedbert", "kebiolm", "embert", "smedbert_embert")}}))
 
 
 if __name__ == "__main__":
