@@ -300,8 +300,7 @@ def test_unknown_objective_is_refused():
         EntityObjectives(KeplmBertConfig(**TINY, entity_objectives=["nsp"]))
 
 
-@pytest.mark.slow
-def test_embert_pretrains_on_the_demo_and_logs_each_objective(tmp_path):
+def pretrain_demo(tmp_path, *overrides):
     import json
     import subprocess
     import sys
@@ -309,18 +308,31 @@ def test_embert_pretrains_on_the_demo_and_logs_each_objective(tmp_path):
     from mlflow.tracking import MlflowClient
 
     r = subprocess.run([sys.executable, "-m", "keplm.jobs.pretrain", "--config", "configs/demo.yaml", "--output",
-                        str(tmp_path), "model.kind=embert", "train.max_steps=8", "train.num_workers=1",
+                        str(tmp_path), *overrides, "train.max_steps=8", "train.num_workers=1",
                         "train.batch_size=8", "train.lr=0.003", "train.warmup_ratio=0.0", "train.checkpoint_every=8"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client, client.get_run(res["mlflow_run_id"])
+
+
+@pytest.mark.slow
+def test_embert_pretrains_on_the_demo_and_logs_each_objective(tmp_path):
+    client, run = pretrain_demo(tmp_path, "model.kind=embert")
     assert (tmp_path / "graph" / "aliases.parquet").is_file()              # the stage its thesaurus needs
     assert not (tmp_path / "neighbours").exists()
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(res["mlflow_run_id"])
     assert {"mlm_loss", "cecp_loss", "est_loss", "bem_loss"} <= set(run.data.metrics)
     est = [m.value for m in client.get_metric_history(run.info.run_id, "est_loss")]
     assert est[-1] < est[0]
+
+
+@pytest.mark.slow
+def test_smedbert_with_embert_heads_and_whole_entity_masking_pretrains(tmp_path):
+    _, run = pretrain_demo(tmp_path, "model.kind=smedbert", "model.objectives=[cecp,est,bem]",
+                           "batches.whole_entity_masking=true")
+    assert {"mlm_loss", "mnem_loss", "mmem_loss", "cecp_loss", "est_loss", "bem_loss"} <= set(run.data.metrics)
+    assert run.data.params["model.objectives"] == "['cecp', 'est', 'bem']"
 
 
 def test_ablation_grid_is_table_4_and_5():
