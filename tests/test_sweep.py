@@ -182,7 +182,22 @@ def test_ablate_runs_the_grid_with_seeds_and_compare_aggregates_it(tmp_path):
     assert rows["full"]["val_mlm_loss"][0] == pytest.approx(sum(vals) / 2)
 
 
-@pytest.mark.parametrize("model", ["smedbert", "kebiolm"])
+@pytest.mark.slow
+def test_embert_ablation_removes_its_objectives(tmp_path):
+    r = keplm("ablate", "--model", "embert", "--config", "configs/sweep-demo.yaml", "--output", tmp_path / "abl",
+              "ablate.variants=[full, -consistency, -all]", "ablate.seeds=1", "train.max_steps=4",
+              "train.checkpoint_every=4")
+    res = last_json(r)
+    assert res["trials"] == 3 and res["failed"] == 0
+    uri = f"sqlite:///{tmp_path / 'abl' / 'mlflow.db'}"
+    c = last_json(keplm("compare", "--experiment", "keplm", "--tracking-uri", uri, "--output", tmp_path / "cmp"))
+    rows = {row["variant"]: row for row in c["rows"]}
+    assert {"cecp_loss", "est_loss", "bem_loss"} <= set(rows["full"])
+    assert "cecp_loss" not in rows["-consistency"] and {"est_loss", "bem_loss"} <= set(rows["-consistency"])
+    assert not {"cecp_loss", "est_loss", "bem_loss"} & set(rows["-all"])
+
+
+@pytest.mark.parametrize("model", ["smedbert", "kebiolm", "embert"])
 def test_every_ablation_variant_is_a_valid_config(model):
     from keplm.tuning.space import ABLATION_GRIDS
 

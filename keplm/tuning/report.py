@@ -23,7 +23,7 @@ from keplm.platform.errors import KeplmError
 from keplm.tuning.space import config_key
 
 METRICS = ("objective", "val_mlm_loss", "proxy_f1", "test_f1", "dev_f1", "acc_at_1", "loss", "mlm_loss", "sop_loss",
-           "mnem_loss", "mmem_loss")
+           "mnem_loss", "mmem_loss", "ed_loss", "el_loss", "cecp_loss", "est_loss", "bem_loss")
 
 
 def find_runs(client, experiment: str, parent: str | None = None):
