@@ -79,6 +79,9 @@ def test_replacement_keeps_synonyms_consistent_and_random_entities_inconsistent(
     assert seen[CONSISTENT] > 15 and seen[INCONSISTENT] > 15
     out, ms = t.replace(ids, mentions, 0.0, np.random.default_rng(0), Counter())
     assert out == ids and [m[3] for m in ms] == [-100, -100]
+    stats = Counter()
+    out, ms = t.replace(ids, [(2, 4, 0), (3, 5, 1)], 1.0, np.random.default_rng(0), stats)
+    assert len(ms) == 1 and stats["cecp_overlapping_mentions_dropped"] == 1 and out[-5:] == ids[-5:]
 
 
 # ------------------------------------------------------------------ segmentation labels and bidirectional masking

@@ -195,6 +195,9 @@ class EntityTasks:
         out_ms: list[tuple[int, int, int, int]] = []
         last = 0
         for s, e, ent in mentions:
+            if s < last:                                 # overlaps the previous mention: the linker makes none
+                stats["cecp_overlapping_mentions_dropped"] += 1
+                continue
             out_ids.extend(ids[last:s])
             surface, label = tuple(ids[s:e]), -100
             if rate > 0 and rng.random() < rate:
