@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keplm.kg.segment import EntitySegmenter, adjective_atomic
 from keplm.platform.errors import KeplmError
 
 OBJECTIVES = ("cecp", "est", "bem")
@@ -149,8 +150,6 @@ class EntityTasks:
     def build(cls, graph_dir: str | Path, tokenizer, segment_cfg=None) -> EntityTasks:
         import pyarrow.parquet as pq
 
-        from keplm.kg.segment import EntitySegmenter
-
         d = Path(graph_dir)
         try:
             names = pq.read_table(d / "entities.parquet", columns=["id", "name"]).to_pydict()
@@ -240,8 +239,8 @@ class EntityTasks:
             if label >= 0:
                 cecp.append((s, e, label))
                 exclude[s:e] = True
-            elif len(lengths) >= 2 and bem_rate > 0 and rng.random() < bem_rate:
-                cut = s + sum(lengths[:-1])                      # adjective [s, cut), atomic [cut, e)
+            elif (terms := adjective_atomic(lengths)) is not None and bem_rate > 0 and rng.random() < bem_rate:
+                cut = s + sum(terms[0])                          # adjective [s, cut), atomic [cut, e)
                 (ms, me), (os_, oe) = ((cut, e), (s, cut)) if rng.random() < 0.5 else ((s, cut), (cut, e))
                 stats["bem_atomic_masked" if ms == cut else "bem_adjective_masked"] += 1
                 for j in range(ms, me):
