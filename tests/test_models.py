@@ -86,6 +86,42 @@ def test_eq18_rewrite_equals_the_direct_product():
         assert torch.allclose(transr_compat_mp(h, mp[r], e[None], 10.0)[0], expect, rtol=1e-4)
 
 
+def test_mnem_loss_is_eq15_over_eq19_per_neighbour():
+    """mnem_loss (one GEMM over all relations, then picked per neighbour) against eq. 15 written out per
+    neighbour with transr_compat_mp on that neighbour's own MP_r, in float64."""
+    model = kg_model(smedbert_config()).double()
+    batch = make_batch()
+    h_mf = torch.randn(2, 3, D2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    keys = ("neighbour_ids", "neighbour_relation", "neighbour_mask", "negative_ids", "log_q_pos", "log_q_neg")
+    nb_ids, nb_rel, nb_mask, neg_ids, lq_pos, lq_neg = (batch[k] for k in keys)
+    got = model.mnem_loss(h_mf, nb_ids, nb_rel, nb_mask, neg_ids, lq_pos.double(), lq_neg.double())
+    mp, ent, mu = model.kg.mp(), model.kg.entity, model.config.mu
+    terms = []
+    for b, m, k in zip(*torch.nonzero(nb_mask, as_tuple=True)):
+        r = nb_rel[b, m, k]
+        pos = transr_compat_mp(h_mf[b, m], mp[r], ent[nb_ids[b, m, k]][None], mu)[0] - mu * lq_pos[b, m, k]
+        neg = transr_compat_mp(h_mf[b, m], mp[r], ent[neg_ids[b, m, k]], mu) - mu * lq_neg[b, m, k]
+        big_k = nb_mask[b, m].sum()
+        terms.append(-torch.log(pos.exp() / (pos.exp() + big_k * neg.exp().mean())))
+    assert len(terms) == int(nb_mask.sum()) > 0
+    assert torch.allclose(got, torch.stack(terms).mean(), rtol=1e-7)  # the direct exp form loses digits near 1
+
+
+@pytest.mark.parametrize("kind", ["smedbert", "mlm"])
+def test_training_mlm_loss_on_labelled_positions_only_equals_the_full_logits_loss(kind):
+    cfg = smedbert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if kind == "smedbert" else \
+        KeplmBertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = kg_model(cfg) if kind == "smedbert" else KeplmBertForPreTraining(cfg)
+    batch = make_batch()
+    full = model.eval()(**batch)
+    sparse = model.train()(**batch)
+    assert full.mlm_logits.shape == (2, 16, V) and sparse.mlm_logits is None
+    by_hand = torch.nn.functional.cross_entropy(full.mlm_logits.reshape(-1, V), batch["labels"].reshape(-1), ignore_index=-100)
+    assert torch.allclose(sparse.mlm_loss, full.mlm_loss, atol=1e-6) and torch.allclose(full.mlm_loss, by_hand, atol=1e-6)
+    sparse.loss.backward()               # the head still trains
+    assert model.cls.predictions.transform.dense.weight.grad.abs().sum() > 0
+
+
 def test_attention_weights_sum_to_one_and_respect_padding():
     model = kg_model(smedbert_config()).eval()
     batch = make_batch()

@@ -22,7 +22,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
 from keplm.models.embert import apply_objectives, objectives_for
-from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, make_heads, run_bert
+from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, labelled_rows, make_heads, run_bert
 from keplm.models.smedbert import KnowledgePreTrainingOutput
 
 
@@ -72,6 +72,7 @@ class KeplmBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, sop_label=None,
                 token_entity=None, **batch) -> KnowledgePreTrainingOutput:
         cfg = self.config
+        rows = labelled_rows(labels) if self.training else None   # the MLM targets' sync, before the layers run
         hook = None
         if cfg.entity_fusion and token_entity is not None and bool((token_entity >= 0).any()):
             has = token_entity >= 0
@@ -82,7 +83,7 @@ class KeplmBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
 
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids,
                        after_layer=min(cfg.fusion_layer, cfg.num_hidden_layers), hook=hook)
-        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label)
+        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label, rows)
         terms, entity_losses = apply_objectives(self, seq, batch)
         return KnowledgePreTrainingOutput(loss=add_losses((1.0, mlm), (1.0, sop), *terms), mlm_loss=mlm, sop_loss=sop,
                                           **entity_losses, mlm_logits=mlm_logits, sop_logits=sop_logits, last_hidden_state=seq)

@@ -35,7 +35,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
 from keplm.models.embert import apply_objectives, objectives_for
-from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, make_heads, run_bert
+from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, labelled_rows, make_heads, run_bert
 from keplm.models.smedbert import KnowledgePreTrainingOutput
 
 BIO_O, BIO_B, BIO_I = 0, 1, 2
@@ -127,6 +127,7 @@ class KeBioLMForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         extra: dict[str, torch.Tensor | None] = {"ed": None, "el": None}
         have = mention_spans is not None and mention_mask is not None and bool(mention_mask.any())
+        rows = labelled_rows(labels) if self.training else None   # the MLM targets' sync, before the layers run
 
         def hook(h):
             logits = self.detect(h)
@@ -158,7 +159,7 @@ class KeBioLMForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
             return h + delta
 
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids, after_layer=cfg.text_layers, hook=hook)
-        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label)
+        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label, rows)
         terms, entity_losses = apply_objectives(self, seq, batch)
         loss = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_ed, extra["ed"]), (cfg.lambda_el, extra["el"]), *terms)
         return KnowledgePreTrainingOutput(loss=loss, mlm_loss=mlm, sop_loss=sop, ed_loss=extra["ed"],

@@ -24,10 +24,25 @@ def run_bert(bert: BertModel, input_ids, attention_mask, token_type_ids,
     return h
 
 
-def gather_spans(hidden: torch.Tensor, spans: torch.Tensor, span_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (B, T, D), spans (B, M, 2) token [start, end) -> tokens (B, M, L, D) and their mask (B, M, L)."""
+def span_width(spans: torch.Tensor, span_mask: torch.Tensor) -> int:
+    """The longest span's token count (at least 1). Reading it is a host-device sync: models take it at the
+    start of forward, while the device is idle, rather than between layers, where it would drain the queue."""
     lengths = (spans[..., 1] - spans[..., 0]).clamp(min=0) * span_mask
-    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    return max(int(lengths.max()) if lengths.numel() else 0, 1)
+
+
+def labelled_rows(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Flat indices of the MLM targets (labels != -100), for :meth:`PreTrainingHeadsMixin.ex_loss`; a
+    host-device sync, like span_width, best taken at the start of forward."""
+    return None if labels is None else torch.nonzero(labels.reshape(-1) != -100).squeeze(-1)
+
+
+def gather_spans(hidden: torch.Tensor, spans: torch.Tensor, span_mask: torch.Tensor,
+                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (B, T, D), spans (B, M, 2) token [start, end) -> tokens (B, M, L, D) and their mask (B, M, L);
+    L = ``width`` (default: span_width)."""
+    lengths = (spans[..., 1] - spans[..., 0]).clamp(min=0) * span_mask
+    width = width or span_width(spans, span_mask)
     offs = torch.arange(width, device=hidden.device)
     idx = spans[..., :1] + offs                                    # (B, M, L)
     tok_mask = (offs < lengths[..., None]) & span_mask[..., None]
@@ -75,11 +90,25 @@ class PreTrainingHeadsMixin:
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
 
-    def ex_loss(self, sequence: torch.Tensor, labels: torch.Tensor | None, sop_label: torch.Tensor | None):
-        mlm_logits, sop_logits = self.cls(sequence, self.bert.pooler(sequence))
-        mlm = sop = None
-        if labels is not None and (labels != -100).any():
-            mlm = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+    def ex_loss(self, sequence: torch.Tensor, labels: torch.Tensor | None, sop_label: torch.Tensor | None,
+                rows: torch.Tensor | None = None):
+        """MLM + SOP. In training with labels only the labelled positions (``rows``, from labelled_rows)
+        go through the MLM head and ``mlm_logits`` is None: the vocabulary projection over every token
+        (and its fp32 copy for the loss) would be ~15 % of a BERT-base step's FLOPs and most of its
+        activation memory, for 15 % of the tokens. The loss is the same either way; eval and inference
+        return the full logits."""
+        sop_logits = self.cls.seq_relationship(self.bert.pooler(sequence))
+        mlm = sop = mlm_logits = None
+        if labels is not None and self.training:
+            rows = labelled_rows(labels) if rows is None else rows
+            if rows.numel():
+                logits = self.cls.predictions(sequence.reshape(-1, sequence.size(-1)).index_select(0, rows))
+                mlm = F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, rows))
+        else:
+            mlm_logits = self.cls.predictions(sequence)
+            if labels is not None and (labels != -100).any():
+                mlm = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.size(-1)).float(), labels.reshape(-1),
+                                      ignore_index=-100)
         if sop_label is not None and (sop_label != -100).any():
             sop = F.cross_entropy(sop_logits.float(), sop_label, ignore_index=-100)
         return mlm_logits, sop_logits, mlm, sop

@@ -40,6 +40,7 @@ from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedMode
 
 from keplm.models.embert import apply_objectives, objectives_for
 from keplm.models.modules import (PreTrainingHeadsMixin, SelfAttentivePooling, add_losses, copy_into, gather_spans,
+                                  labelled_rows, span_width,
                                   make_heads, masked_softmax, run_bert)
 
 
@@ -155,8 +156,8 @@ class HybridAttention(nn.Module):
         score = self.w_a(torch.tanh(self.w_t(h_m)[:, :, None] + self.w_t2(h_tau))).squeeze(-1)
         return masked_softmax(score, present)
 
-    def forward(self, hidden, spans, span_mask, nb_emb, nb_type, nb_mask):
-        tokens, tok_mask = gather_spans(hidden, spans, span_mask)
+    def forward(self, hidden, spans, span_mask, nb_emb, nb_type, nb_mask, width: int | None = None):
+        tokens, tok_mask = gather_spans(hidden, spans, span_mask, width)
         h_m = self.ln_be(F.gelu(self.w_be(self.pool(tokens, tok_mask))))                # eq. 2 (B, M, d2)
         scale = 1.0
         if self.use_type_attention:
@@ -207,9 +208,9 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
         for param, value in ((self.kg.entity, entity_emb), (self.kg.relation, relation_emb), (self.kg.proj, relation_proj)):
             copy_into(param, value, "KG tensor")
 
-    def _mention_repr(self, hidden, spans, span_mask):
+    def _mention_repr(self, hidden, spans, span_mask, width: int | None = None):
         """eq. 12 / eq. 20: LN(σ(f_sp(span tokens)·W_sa))."""
-        tokens, tok_mask = gather_spans(hidden, spans, span_mask)
+        tokens, tok_mask = gather_spans(hidden, spans, span_mask, width)
         return self.ln_sa(F.gelu(self.w_sa(self.ctx_pool(tokens, tok_mask))))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, sop_label=None,
@@ -217,28 +218,33 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
                 neighbour_type=None, neighbour_mask=None, negative_ids=None, log_q_pos=None, log_q_neg=None,
                 **batch) -> KnowledgePreTrainingOutput:
         cfg = self.config
+        # every host-device sync up front, while the device is idle, none between layers
         has_mentions = mention_spans is not None and mention_mask is not None and bool(mention_mask.any())
+        width = span_width(mention_spans, mention_mask) if has_mentions else None
+        has_neighbours = neighbour_mask is not None and bool(neighbour_mask.any())
+        rows = labelled_rows(labels) if self.training else None
         hook = None
         if self.hybrid is not None and has_mentions:
             nb_emb = self.kg.entity[neighbour_ids.clamp(min=0)] * neighbour_mask[..., None]
 
             def hook(h):
-                return self.hybrid(h, mention_spans, mention_mask, nb_emb, neighbour_type, neighbour_mask)
+                return self.hybrid(h, mention_spans, mention_mask, nb_emb, neighbour_type, neighbour_mask, width)
 
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids,
                        after_layer=min(cfg.hybrid_layer, cfg.num_hidden_layers), hook=hook)
-        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label)
+        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label, rows)
 
         mnem = mmem = None
         if cfg.use_knowledge_loss and has_mentions:
-            h_mf = self._mention_repr(seq, mention_spans, mention_mask)                  # (B, M, d2)
-            if neighbour_mask is not None and negative_ids is not None and bool(neighbour_mask.any()):
+            h_mf = self._mention_repr(seq, mention_spans, mention_mask, width)           # (B, M, d2)
+            if has_neighbours and negative_ids is not None:
                 mnem = self.mnem_loss(h_mf, neighbour_ids, neighbour_relation, neighbour_mask,
                                       negative_ids, log_q_pos, log_q_neg)
             # Y_m from the original tokens' input embeddings (labels hold the original id where masked)
             original = torch.where(labels >= 0, labels, input_ids) if labels is not None else input_ids
             with torch.no_grad():
-                y = self._mention_repr(self.bert.embeddings.word_embeddings(original), mention_spans, mention_mask)
+                y = self._mention_repr(self.bert.embeddings.word_embeddings(original), mention_spans, mention_mask,
+                                       width)
             per_mention = ((h_mf - y) ** 2).sum(-1) * mention_mask                      # eq. 21
             mmem = per_mention.sum(1).mean()
 
@@ -250,10 +256,15 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
     def mnem_loss(self, h_mf, nb_ids, nb_rel, nb_mask, neg_ids, log_q_pos, log_q_neg):
         """eq. 15 with eq. 19's logits: −log(e^{f(θ)} / (e^{f(θ)} + K·mean_n e^{f(θ'_n)})), mean over positives."""
         mu = self.config.mu
-        mp = self.kg.mp()[nb_rel.clamp(min=0)]                                          # (B, M, K, d+1, d+1)
-        h = h_mf[:, :, None].expand(-1, -1, nb_ids.size(2), -1)                          # (B, M, K, d2)
-        pos = transr_compat_mp(h, mp, self.kg.entity[nb_ids.clamp(min=0)][..., None, :], mu)[..., 0]
-        neg = transr_compat_mp(h, mp, self.kg.entity[neg_ids.clamp(min=0)], mu)          # (B, M, K, N)
+        # transr_compat_mp for every (mention, neighbour) pair, with [h_mf 1]·MP_r taken once per mention and
+        # relation (one GEMM over the 2R relations) and then picked per neighbour: indexing MP_r per
+        # neighbour first would materialise a (B, M, K, d+1, d+1) tensor, ~1 GB at BERT-base batch 32
+        h1 = torch.cat([h_mf, torch.ones_like(h_mf[..., :1])], -1)                      # (B, M, d+1)
+        u_all = torch.einsum("bmi,rij->bmrj", h1, self.kg.mp())[..., :-1]                # (B, M, 2R, d)
+        rel = nb_rel.clamp(min=0)[..., None].expand(-1, -1, -1, u_all.size(-1))
+        u = F.normalize(torch.gather(u_all, 2, rel), dim=-1)                            # (B, M, K, d)
+        pos = (u * F.normalize(self.kg.entity[nb_ids.clamp(min=0)], dim=-1)).sum(-1) * mu
+        neg = torch.einsum("bmkd,bmknd->bmkn", u, F.normalize(self.kg.entity[neg_ids.clamp(min=0)], dim=-1)) * mu
         c = mu if self.config.mnem_logq_scale is None else self.config.mnem_logq_scale
         pos = pos - c * log_q_pos
         neg = neg - c * log_q_neg
