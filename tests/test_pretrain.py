@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from keplm.platform.train_loop import iter_row_batches, worker_rows
+from keplm.platform.train_loop import Prefetcher, compile_blocks, iter_row_batches, worker_rows
 
 TINY = ["train.max_steps=12", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
         "train.lr=0.002", "train.warmup_ratio=0.0"]
@@ -40,6 +40,68 @@ def test_worker_shares_cover_every_row_once(demo_prepared):
     whole = [t for t in iter_row_batches(files, 1, 0, None)]
     parts = [t for lo, hi in shares for t in iter_row_batches(files, 1, lo, hi)]
     assert len(parts) == len(whole) and all(a.equals(b) for a, b in zip(parts, whole))
+
+
+class _DrawingCollate:
+    """A collator that draws from its RNG, like KnowledgeCollator's masking."""
+
+    def __init__(self, seed):
+        import numpy as np
+
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, rows):
+        import torch
+
+        return {"x": torch.tensor([r["v"] for r in rows]), "noise": torch.tensor(self.rng.random(len(rows)))}
+
+
+def _tables(n):
+    import pyarrow as pa
+
+    return [(i, pa.table({"v": [i, i + 100]})) for i in range(n)]
+
+
+def test_prefetcher_yields_what_inline_collation_gives_with_the_rng_state_after_each_batch():
+    import torch
+
+    inline = list(Prefetcher(_tables(6), _DrawingCollate(5), depth=0))
+    ahead_collate = _DrawingCollate(5)
+    ahead = Prefetcher(_tables(6), ahead_collate, depth=3)
+    got = list(ahead)
+    ahead.close()
+    assert [i for i, _, _ in got] == list(range(6))
+    for (i, a, sa), (j, b, sb) in zip(inline, got):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["noise"], b["noise"]) and sa == sb
+    # the state attached to batch 2 is where a resumed run must restart the RNG: batch 3 comes out the same
+    resumed = _DrawingCollate(0)
+    resumed.rng.bit_generator.state = got[2][2]
+    assert torch.equal(resumed([{"v": 3}, {"v": 103}])["noise"], got[3][1]["noise"])
+
+
+def test_prefetcher_raises_the_threads_error_and_stops_when_closed_early():
+    def broken():
+        yield from _tables(2)
+        raise ValueError("bad shard")
+
+    feed = Prefetcher(broken(), _DrawingCollate(0), depth=2)
+    with pytest.raises(ValueError, match="bad shard"):
+        list(feed)
+    endless = Prefetcher(((i, t) for i in range(10**9) for _, t in _tables(1)), _DrawingCollate(0), depth=2)
+    next(iter(endless))
+    endless.close()                      # returns: the thread saw the stop while blocked on a full queue
+    assert not endless._thread.is_alive()
+
+
+def test_compile_blocks_compiles_each_encoder_layer_and_keeps_the_state_dict():
+    from keplm.models import KeplmBertConfig, KeplmBertForPreTraining
+
+    model = KeplmBertForPreTraining(KeplmBertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
+                                                    num_attention_heads=2, intermediate_size=32))
+    keys = list(model.state_dict())
+    assert compile_blocks(model) == 3
+    assert all(layer._compiled_call_impl is not None for layer in model.bert.encoder.layer)
+    assert model.bert.embeddings._compiled_call_impl is None and list(model.state_dict()) == keys
 
 
 def test_validation_split_holds_out_exactly_the_last_rows(demo_prepared, tmp_path):

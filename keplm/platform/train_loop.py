@@ -27,6 +27,7 @@ compares like with like), and the workers' mean ``mlm_loss`` is reported as ``va
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -70,6 +71,13 @@ class TrainConfig(Section):
                                                "as val_mlm_loss at every checkpoint (the sweep objective)")
     fault_at_step: int | None = Field(None, ge=1, description="fault injection: the last worker's process dies "
                                                               "once, after this step (tests of FailureConfig)")
+    compile: bool = Field(False, description="torch.compile each repeated block (the encoder layers): fuses "
+                                             "LayerNorm/GELU/dropout/residual kernels on GPU; the first steps "
+                                             "pay the compile")
+    deterministic: bool | None = Field(None, description="torch deterministic algorithms; unset: on CPU only "
+                                                         "(the GPU's deterministic fallbacks are slower)")
+    prefetch_batches: int = Field(2, ge=0, description="batches collated ahead in a background thread "
+                                                       "(0: collate in the training thread)")
 
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -101,6 +109,88 @@ def flops_per_token(model, seq_len: int) -> float:
     layers = getattr(cfg, "num_hidden_layers", 0)
     hidden = getattr(cfg, "hidden_size", 0)
     return 6.0 * n + 12.0 * layers * seq_len * hidden
+
+
+def compile_blocks(model) -> int:
+    """``Module.compile()`` every block of each ModuleList of two or more modules of one type (a transformer's
+    layers), as torchtitan does: one small graph shared by all layers, no graph breaks from the model's
+    data-dependent glue (mention counts, span widths), and state-dict keys unchanged. Returns how many."""
+    import torch
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            for block in module:
+                block.compile()
+                n += 1
+    return n
+
+
+class Prefetcher:
+    """Collates the batches of ``batches`` (an iterable of (index, row table)) ``depth`` ahead in a
+    background thread, so that Python collation overlaps the device's step. Yields (index, tensors,
+    rng_state): the collator's RNG state right after that batch, which is what a checkpoint taken after
+    consuming it must hold (the thread has already drawn for the batches after it). ``depth`` 0 collates
+    in the calling thread. Errors in the thread are raised in the consumer."""
+
+    _END = object()
+
+    def __init__(self, batches, collate, depth: int, pin: bool = False):
+        import queue
+        import threading
+
+        self.batches, self.collate, self.depth, self.pin = batches, collate, depth, pin
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._thread = threading.Thread(target=self._run, daemon=True) if depth > 0 else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _item(self, i, table):
+        tensors = self.collate(table.to_pylist())
+        if self.pin:
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        rng = getattr(self.collate, "rng", None)
+        return i, tensors, (rng.bit_generator.state if rng is not None else None)
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self):
+        try:
+            for i, table in self.batches:
+                if not self._put(self._item(i, table)):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(e)
+
+    def __iter__(self):
+        if self._thread is None:
+            for i, table in self.batches:
+                yield self._item(i, table)
+            return
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the thread (batches it collated ahead are dropped)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def epoch_files(files: list[str], epoch: int, seed: int) -> list[str]:
@@ -162,13 +252,16 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed + rank)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     device = ray.train.torch.get_device()
+    torch.use_deterministic_algorithms(cfg.deterministic if cfg.deterministic is not None else device.type == "cpu",
+                                       warn_only=True)
 
     model, collate = build(config.get("build_context", {}))
     if getattr(collate, "rng", None) is not None:  # each rank masks and samples differently, reproducibly
         collate.rng = np.random.default_rng([cfg.seed, rank])
     n_flops = flops_per_token(model, config.get("seq_len", 512))
+    if cfg.compile:
+        compile_blocks(model)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = model.module if hasattr(model, "module") else model
     decay, no_decay = [], []
@@ -176,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") or ".ln" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr)
+                            lr=cfg.lr, fused=device.type == "cuda")
     shares = [worker_rows(files, world, r) for r in range(world)]
     steps_per_epoch = min(hi - lo for lo, hi in shares) // cfg.batch_size
     skipped = sum(hi - lo for lo, hi in shares) - steps_per_epoch * cfg.batch_size * world
@@ -204,6 +297,8 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_rng_state(state["torch_rng"][rank])
         if getattr(collate, "rng", None) is not None and state.get("collate_rng") is not None:
             collate.rng.bit_generator.state = state["collate_rng"][rank]
+    # the collator's RNG state after the last batch the model consumed (the prefetch thread draws ahead)
+    collate_state = collate.rng.bit_generator.state if getattr(collate, "rng", None) is not None else None
 
     tracker = None
     if rank == 0 and config.get("tracking_uri") and config.get("run_id"):
@@ -224,22 +319,22 @@ def train_loop_per_worker(config: dict) -> None:
 
     def validate() -> float:
         """Mean MLM loss on this rank's share of the held-out rows, averaged over ranks."""
+        import copy
+
         lo, hi = worker_rows(val_files, world, rank)
-        saved = getattr(collate, "rng", None)
-        if saved is not None:
-            collate.rng = np.random.default_rng([cfg.seed, 7919])   # fixed masks, not the training stream
+        val_collate = copy.copy(collate)   # its own RNG: the training collator may be drawing in the prefetch thread
+        if getattr(collate, "rng", None) is not None:
+            val_collate.rng = np.random.default_rng([cfg.seed, 7919])   # fixed masks, not the training stream
         torch_state = torch.get_rng_state()
         core.eval()
         total_loss, batches = 0.0, 0
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             for batch in iter_row_batches(val_files, cfg.batch_size, lo, hi):
-                out = core(**{k: v.to(device) for k, v in collate(batch.to_pylist()).items()})
+                out = core(**{k: v.to(device) for k, v in val_collate(batch.to_pylist()).items()})
                 total_loss += float(out.mlm_loss if getattr(out, "mlm_loss", None) is not None else out.loss)
                 batches += 1
         core.train()
         torch.set_rng_state(torch_state)
-        if saved is not None:
-            collate.rng = saved
         vec = torch.tensor([total_loss, float(batches)], device=device)
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(vec)
@@ -256,7 +351,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                                     int(time.time() * 1000), step)])
         # every rank's RNG states, so that each rank resumes its own masking/sampling/dropout stream
         torch_rngs = gather(torch.get_rng_state())
-        collate_rngs = gather(collate.rng.bit_generator.state if getattr(collate, "rng", None) is not None else None)
+        collate_rngs = gather(collate_state)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -275,25 +370,28 @@ def train_loop_per_worker(config: dict) -> None:
     while not done:
         lo, hi = worker_rows(files, world, rank)
         micro = 0
-        sums: dict[str, float] = {}
-        for i, batch in enumerate(iter_row_batches(epoch_files(files, epoch, cfg.seed), cfg.batch_size, lo, hi)):
-            if i >= steps_per_epoch:
-                break
-            if i < position:  # resuming: this batch was consumed before the checkpoint
-                continue
-            tensors = {k: v.to(device) for k, v in collate(batch.to_pylist()).items()}
+        sums: dict[str, Any] = {}
+        if collate_state is not None:  # where the consumed batches left it, whatever the last epoch's thread drew
+            collate.rng.bit_generator.state = collate_state
+        batches = iter_row_batches(epoch_files(files, epoch, cfg.seed), cfg.batch_size, lo, hi)
+        # resuming: the batches before `position` were consumed before the checkpoint
+        pending = itertools.islice(enumerate(batches), position, steps_per_epoch)
+        feed = Prefetcher(pending, collate, cfg.prefetch_batches, pin=device.type == "cuda")
+        for i, cpu_tensors, rng_state in feed:
+            tokens_window += int(cpu_tensors["attention_mask"].sum())   # on the host: no device sync
+            samples_window += cpu_tensors["input_ids"].shape[0]
+            tensors = {k: v.to(device, non_blocking=True) for k, v in cpu_tensors.items()}
             sync = (micro + 1) % cfg.grad_accum == 0
             ctx_mgr = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
             with ctx_mgr, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(**tensors)
                 (out.loss / cfg.grad_accum).backward()
-            for k, v in out.items():
+            for k, v in out.items():  # summed on the device: one host sync per optimizer step, not per term
                 if k.endswith("loss") and v is not None and v.dim() == 0:
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            tokens_window += int(tensors["attention_mask"].sum())
-            samples_window += tensors["input_ids"].shape[0]
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
             micro += 1
             position = i + 1
+            collate_state = rng_state
             if not sync:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.max_grad_norm)
@@ -302,7 +400,7 @@ def train_loop_per_worker(config: dict) -> None:
             opt.zero_grad(set_to_none=True)
             step += 1
             # every worker's loss terms, averaged: what the step optimised
-            vec = torch.tensor([sums.get(k, float("nan")) for k in sorted(sums)], device=device)
+            vec = torch.stack([sums[k] for k in sorted(sums)]) if sums else torch.zeros(0, device=device)
             if world > 1 and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(vec)
                 vec /= world
@@ -344,6 +442,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             if step % cfg.checkpoint_every == 0:
                 save(final=False)
+        feed.close()
         if not done:
             epoch += 1
             position = 0
