@@ -325,6 +325,8 @@ def train_loop_per_worker(config: dict) -> None:
         val_collate = copy.copy(collate)   # its own RNG: the training collator may be drawing in the prefetch thread
         if getattr(collate, "rng", None) is not None:
             val_collate.rng = np.random.default_rng([cfg.seed, 7919])   # fixed masks, not the training stream
+        if isinstance(getattr(collate, "stats", None), dict):
+            val_collate.stats = type(collate.stats)()                   # nor the training counts
         torch_state = torch.get_rng_state()
         core.eval()
         total_loss, batches = 0.0, 0
