@@ -7,8 +7,8 @@ import pytest
 
 from conftest import DEMO, need_shared
 from keplm.kg.graph import GraphConfig, adjacency_from_triples, build_graph, load_graph
-from keplm.kg.pepr import (PEPRConfig, PEPRSolver, compute_neighbours, initial_vector, personalization,
-                           run_neighbours, top_k_neighbours)
+from keplm.kg.pepr import (PEPRConfig, PEPRSolver, block_seeds, compute_neighbours, initial_vector,
+                           personalization, run_neighbours, top_k_neighbours)
 from keplm.platform.config import load_config
 from keplm.platform.errors import ConfigError
 
@@ -121,6 +121,25 @@ def test_actor_pool_matches_in_process_solver(ray_local, tmp_path):
     assert counts["seeds_without_neighbours"] == int((g.degree == 0).sum()) > 0
     assert counts["rows"] == int(np.minimum(g.degree, 10).sum())
     assert (tmp_path / "nb" / "entities.parquet").is_file() and (tmp_path / "nb" / "relations.parquet").is_file()
+
+
+def test_block_size_fits_the_cache_budget(ray_local, tmp_path):
+    # six dense n x B arrays per block: 1 MiB over 6 * 1000 entities * 8 bytes = 21 float64 seeds, 43 float32
+    assert block_seeds(PEPRConfig(block_mib=1), 1000) == 21
+    assert block_seeds(PEPRConfig(block_mib=1, dtype="float32", tol=1e-5), 1000) == 43
+    assert block_seeds(PEPRConfig(block_mib=1, batch_size=10), 1000) == 10       # batch_size still caps it
+    assert block_seeds(PEPRConfig(block_mib=1), 10**7) == 1                      # never below one seed
+    # a budget that cuts the demo's blocks changes the blocking, not the neighbours
+    build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
+    g = load_graph(tmp_path / "g")
+    base = dict(num_actors=2, batch_size=64, k_max=10, tol=1e-9, actor_num_cpus=0.5)
+    wide, wc = compute_neighbours(g, PEPRConfig(**base))
+    cut = PEPRConfig(**base, block_mib=6 * g.num_entities * 8 * 5 / 2**20)       # room for exactly 5 seeds
+    narrow, nc = compute_neighbours(g, cut)
+    assert wc["block_seeds"] == 64 and nc["block_seeds"] == 5
+    assert nc["blocks"] == -(-nc["solves"] // 5) > wc["blocks"]
+    assert narrow.drop_columns(["score"]).equals(wide.drop_columns(["score"]))
+    np.testing.assert_allclose(narrow.column("score").to_numpy(), wide.column("score").to_numpy(), atol=2e-9)
 
 
 def test_linked_seeds_and_frequency_start(ray_local, tmp_path, demo_prepared):
