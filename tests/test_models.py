@@ -4,13 +4,32 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from keplm.models import KeplmBertConfig, KeplmBertForPreTraining, SMedBertConfig, SMedBertForPreTraining
-from keplm.models.smedbert import HybridAttention, KGTensors, transr_compat_direct, transr_compat_mp
+from keplm.models.smedbert import HybridAttention, KGTensors
 
 Z, R, TYPES, D2, V = 30, 3, 4, 8, 60
 TINY = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64)
+
+
+# the equations as the paper writes them, one relation at a time: references for the model's batched forms
+
+def transr_compat_direct(h_mf, rel, proj, h_e, mu):
+    """eq. 16 as written: cos(h_mf·M_r + h_r, h_e·M_r) · µ."""
+    a = h_mf @ proj + rel
+    b = h_e @ proj
+    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1) * mu
+
+
+def transr_compat_mp(h_mf, mp, h_e, mu):
+    """eq. 19 without its log Q term: ([h_mf 1]·MP_r)·[h_e 0]ᵀ / (||[h_mf 1]·MP_r|| · ||h_e||) · µ.
+
+    h_mf (..., d), mp (..., d+1, d+1) matching h_mf's leading dims, h_e (..., N, d) -> (..., N).
+    """
+    u = torch.einsum("...i,...ij->...j", torch.cat([h_mf, torch.ones_like(h_mf[..., :1])], -1), mp)[..., :-1]
+    return torch.einsum("...d,...nd->...n", F.normalize(u, dim=-1), F.normalize(h_e, dim=-1)) * mu
 
 
 def smedbert_config(**kw):

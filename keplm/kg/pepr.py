@@ -404,10 +404,10 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
     actors = [actor_cls.remote(*refs, cfg) for _ in range(cfg.num_actors)]
     pool = ActorPool(actors)
     tables, counts = [], Counter()
+    bs = block_seeds(cfg, graph.num_entities)
     if cfg.method == "cg" and cfg.solve == "cover":
-        table = _cover_neighbours(graph, cfg, seeds, g, actors, pool, counts)
+        table = _cover_neighbours(graph, cfg, seeds, g, actors, pool, counts, bs)
     else:
-        bs = block_seeds(cfg, graph.num_entities)
         blocks = [seeds[i:i + bs] for i in range(0, len(seeds), bs)]
         for table, iters, secs in pool.map_unordered(lambda actor, blk: actor.run.remote(blk), blocks):
             tables.append(table)
@@ -422,7 +422,7 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
     table = table.sort_by([("entity", "ascending"), ("rank", "ascending")])
     deg = graph.degree[seeds]
     counts.update({
-        "block_seeds": block_seeds(cfg, graph.num_entities),
+        "block_seeds": bs,
         "seeds": int(len(seeds)),
         "seeds_without_neighbours": int((deg == 0).sum()),
         "seeds_truncated_to_k_max": int((deg > cfg.k_max).sum()),
@@ -433,7 +433,7 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
 
 
 def _cover_neighbours(graph: Graph, cfg: PEPRConfig, seeds: np.ndarray, g: np.ndarray, actors, pool,
-                      counts: Counter) -> pa.Table:
+                      counts: Counter, bs: int) -> pa.Table:
     import ray
 
     a, degree, n = graph.adjacency, graph.degree, graph.num_entities
@@ -450,7 +450,6 @@ def _cover_neighbours(graph: Graph, cfg: PEPRConfig, seeds: np.ndarray, g: np.nd
     refs = [ray.put(x) for x in (needed, rev, in_cover)]
     ray.get([actor.set_cover.remote(*refs) for actor in actors])
     value = np.full(a.nnz, np.nan)
-    bs = block_seeds(cfg, n)
     blocks = [cover[i:i + bs] for i in range(0, len(cover), bs)]
     for pos, val, iters, secs in pool.map_unordered(lambda actor, blk: actor.run_cover.remote(blk, tols[blk]), blocks):
         value[pos] = val

@@ -24,10 +24,15 @@ def run_bert(bert: BertModel, input_ids, attention_mask, token_type_ids,
     return h
 
 
-def span_width(spans: torch.Tensor, span_mask: torch.Tensor) -> int:
+def span_lengths(spans: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
+    """Token count of every span (B, M); 0 where masked out."""
+    return (spans[..., 1] - spans[..., 0]).clamp(min=0) * span_mask
+
+
+def span_width(spans: torch.Tensor, span_mask: torch.Tensor, lengths: torch.Tensor | None = None) -> int:
     """The longest span's token count (at least 1). Reading it is a host-device sync: models take it at the
     start of forward, while the device is idle, rather than between layers, where it would drain the queue."""
-    lengths = (spans[..., 1] - spans[..., 0]).clamp(min=0) * span_mask
+    lengths = span_lengths(spans, span_mask) if lengths is None else lengths
     return max(int(lengths.max()) if lengths.numel() else 0, 1)
 
 
@@ -41,8 +46,8 @@ def gather_spans(hidden: torch.Tensor, spans: torch.Tensor, span_mask: torch.Ten
                  width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (B, T, D), spans (B, M, 2) token [start, end) -> tokens (B, M, L, D) and their mask (B, M, L);
     L = ``width`` (default: span_width)."""
-    lengths = (spans[..., 1] - spans[..., 0]).clamp(min=0) * span_mask
-    width = width or span_width(spans, span_mask)
+    lengths = span_lengths(spans, span_mask)
+    width = width or span_width(spans, span_mask, lengths)
     offs = torch.arange(width, device=hidden.device)
     idx = spans[..., :1] + offs                                    # (B, M, L)
     tok_mask = (offs < lengths[..., None]) & span_mask[..., None]

@@ -103,22 +103,6 @@ class KGTensors(nn.Module):
         return stacked @ stacked.transpose(1, 2)
 
 
-def transr_compat_direct(h_mf, rel, proj, h_e, mu):
-    """eq. 16 as written: cos(h_mf·M_r + h_r, h_e·M_r) · µ."""
-    a = h_mf @ proj + rel
-    b = h_e @ proj
-    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1) * mu
-
-
-def transr_compat_mp(h_mf, mp, h_e, mu):
-    """eq. 19 without its log Q term: ([h_mf 1]·MP_r)·[h_e 0]ᵀ / (||[h_mf 1]·MP_r|| · ||h_e||) · µ.
-
-    h_mf (..., d), mp (..., d+1, d+1) matching h_mf's leading dims, h_e (..., N, d) -> (..., N).
-    """
-    u = torch.einsum("...i,...ij->...j", torch.cat([h_mf, torch.ones_like(h_mf[..., :1])], -1), mp)[..., :-1]
-    return torch.einsum("...d,...nd->...n", F.normalize(u, dim=-1), F.normalize(h_e, dim=-1)) * mu
-
-
 class HybridAttention(nn.Module):
     """§3.3: type attention (eq. 3), node attention (eq. 4-5), aggregation (6-7), gated infusion (8-11)."""
 
@@ -256,7 +240,7 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
     def mnem_loss(self, h_mf, nb_ids, nb_rel, nb_mask, neg_ids, log_q_pos, log_q_neg):
         """eq. 15 with eq. 19's logits: −log(e^{f(θ)} / (e^{f(θ)} + K·mean_n e^{f(θ'_n)})), mean over positives."""
         mu = self.config.mu
-        # transr_compat_mp for every (mention, neighbour) pair, with [h_mf 1]·MP_r taken once per mention and
+        # eq. 19's compatibility (without log Q) for every (mention, neighbour) pair, with [h_mf 1]·MP_r taken once per mention and
         # relation (one GEMM over the 2R relations) and then picked per neighbour: indexing MP_r per
         # neighbour first would materialise a (B, M, K, d+1, d+1) tensor, ~1 GB at BERT-base batch 32
         h1 = torch.cat([h_mf, torch.ones_like(h_mf[..., :1])], -1)                      # (B, M, d+1)

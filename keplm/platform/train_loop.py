@@ -139,7 +139,7 @@ class Prefetcher:
         import queue
         import threading
 
-        self.batches, self.collate, self.depth, self.pin = batches, collate, depth, pin
+        self.batches, self.collate, self.pin = batches, collate, pin
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._thread = threading.Thread(target=self._run, daemon=True) if depth > 0 else None
