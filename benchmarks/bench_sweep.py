@@ -14,7 +14,15 @@ every time). The ASHA sweep is therefore run for ``--orders`` seeded permutation
 the saving is the mean over them (each order's figure is printed too); the FIFO sweep, whose cost and
 results do not depend on order, runs once.
 
-    python benchmarks/bench_sweep.py [--trials 16] [--steps 24] [--orders 3]
+Synchronous successive halving (``sweep.scheduler: sha``, same rungs and reduction factor) makes the cut
+on the whole population at each rung, so its saving and survivors should not depend on the order: it is
+run for ``--sha-orders`` of the same permutations, and the line says whether they agreed. Its ideal cost
+is sum over rungs of (trials at the rung x steps to the next rung); ``sha_ideal_trial_steps`` prints it
+(16 trials, rungs 3 and 9, max 24: 16x3 + 5x6 + 1x15 = 93 of 384).
+
+Steps are counted as run (one logged ``step`` value per optimizer step, re-runs after a resume included).
+
+    python benchmarks/bench_sweep.py [--trials 16] [--steps 24] [--orders 3] [--sha-orders 2]
 """
 
 from __future__ import annotations
@@ -86,9 +94,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--orders", type=int, default=3, help="ASHA sweeps, each over a seeded permutation of the points")
+    ap.add_argument("--sha-orders", type=int, default=2, help="synchronous-halving sweeps, over the first permutations")
     args = ap.parse_args()
-    space = yaml.safe_load((ROOT / "configs" / "sweep-demo.yaml").read_text(encoding="utf-8"))["sweep"]["space"]
-    points = draw_points(space, args.trials, args.seed)
+    demo = yaml.safe_load((ROOT / "configs" / "sweep-demo.yaml").read_text(encoding="utf-8"))
+    points = draw_points(demo["sweep"]["space"], args.trials, args.seed)
     savings, survived, stopped, walls, best_asha = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         full, full_s = run_sweep(Path(tmp) / "fifo", "fifo", points, args.steps)
@@ -104,6 +113,16 @@ def main() -> None:
             stopped.append(sum(v[0] < args.steps for v in t_asha.values()))
             walls.append(round(asha_s, 1))
             best_asha.append(asha.get("best_value"))
+        sha_steps, sha_survived, sha_kept, sha_walls = [], [], [], []
+        for order in range(args.sha_orders):
+            shuffled = list(points)
+            random.Random(order).shuffle(shuffled)
+            sha, sha_s = run_sweep(Path(tmp) / f"sha{order}", "sha", shuffled, args.steps)
+            t_sha = trial_table(Path(tmp) / f"sha{order}")
+            sha_steps.append(sha["trial_steps"])
+            sha_survived.append(t_sha.get(best_key, (0, None))[0] >= args.steps)
+            sha_kept.append(sorted(k for k, v in t_sha.items() if v[0] >= args.steps))
+            sha_walls.append(round(sha_s, 1))
     out = {"bench": "sweep", "trials": args.trials, "max_steps": args.steps, "orders": args.orders,
            "trial_steps_fifo": full["trial_steps"], "asha_saving_per_order": savings,
            "asha_saving": round(statistics.mean(savings), 3), "target_saving": 0.5,
@@ -111,6 +130,22 @@ def main() -> None:
            "trials_stopped_early_asha_per_order": stopped,
            "best_fifo_val_mlm_loss": t_full[best_key][1],
            "best_fifo_survived_asha_per_order": survived, "best_asha_val_mlm_loss_per_order": best_asha}
+    if args.sha_orders:
+        from keplm.tuning.halving import rung_milestones
+
+        sc = demo["sweep"]
+        rungs = rung_milestones(sc["grace_period"] * demo["train"]["checkpoint_every"], sc["reduction_factor"], args.steps)
+        n, ideal = args.trials, 0
+        for i, m in enumerate(rungs):
+            ideal += n * (m - (rungs[i - 1] if i else 0))
+            n = max(1, n // sc["reduction_factor"])
+        ideal += n * (args.steps - rungs[-1])
+        out.update({"sha_rungs": rungs, "sha_ideal_trial_steps": ideal, "sha_trial_steps_per_order": sha_steps,
+                    "sha_saving_per_order": [round(1 - x / full["trial_steps"], 3) for x in sha_steps],
+                    "sha_saving": round(1 - statistics.mean(sha_steps) / full["trial_steps"], 3),
+                    "sha_same_survivors_every_order": all(k == sha_kept[0] for k in sha_kept),
+                    "best_fifo_survived_sha_per_order": sha_survived,
+                    "wall_s_sha_per_order": sha_walls})
     print(json.dumps(out))
 
 

@@ -166,6 +166,34 @@ def test_rerunning_a_finished_sweep_restores_it_and_compare_plots_it(demo_sweep,
 
 
 @pytest.mark.slow
+def test_synchronous_halving_pauses_at_rungs_and_resumes_survivors_exactly(tmp_path):
+    """5 trials, rungs at steps 3 and 9 (rf 3), max 12: all 5 run to 3, the best 5 // 3 = 1 by its loss at
+    step 3 resumes to 12, so exactly 5 x 3 + 9 = 24 optimizer steps run: no trial trains on while it waits
+    at a rung, and the survivor resumes from its rung checkpoint in the same MLflow run."""
+    cfg = tmp_path / "sha.yaml"
+    cfg.write_text(yaml.safe_dump({"extends": str(ROOT / "configs" / "sweep-demo.yaml"), "train": {"max_steps": 12},
+                                   "sweep": {"scheduler": "sha", "num_samples": 5}}))
+    res = last_json(keplm("sweep", "--config", cfg, "--output", tmp_path / "run"))
+    assert res["trials"] == 5 and res["failed"] == 0 and res["stopped_early"] == 4
+    assert res["trial_steps"] == 5 * 3 + 9
+    uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    children = client.search_runs([client.get_experiment_by_name("keplm").experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{res['parent_run']}'")
+    at3 = {c.info.run_id: next(m.value for m in client.get_metric_history(c.info.run_id, "val_mlm_loss") if m.step == 3)
+           for c in children}
+    winner = min(at3, key=at3.get)
+    for c in children:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "step")]
+        if c.info.run_id == winner:
+            assert c.info.status == "FINISHED" and steps == list(range(1, 13))   # one run, no step twice
+            assert res["best_value"] == pytest.approx(c.data.metrics["val_mlm_loss"])
+        else:
+            assert steps == [1, 2, 3] and c.info.status == "KILLED"
+            assert c.data.tags["keplm.stopped_early"] == "true"
+
+
+@pytest.mark.slow
 def test_ablate_runs_the_grid_with_seeds_and_compare_aggregates_it(tmp_path):
     r = keplm("ablate", "--model", "smedbert", "--config", "configs/sweep-demo.yaml", "--output", tmp_path / "abl",
               "ablate.variants=[full, -know_loss]", "ablate.seeds=2", "train.max_steps=8", "train.checkpoint_every=4")

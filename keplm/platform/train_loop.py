@@ -67,6 +67,9 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; unset: known GPUs, "
                                                               "or measured fp32 matmul rate on CPU")
     stop_after_steps: int | None = Field(None, ge=1, description="end this run early (tests of resume)")
+    pause_at_steps: list[int] = Field(default_factory=list, description="end the run (with a checkpoint) at the "
+                                      "first of these steps it reaches after starting or resuming: the rungs of a "
+                                      "synchronous-halving trial, which is resumed from there if it survives")
     val_rows: int = Field(0, ge=0, description="hold out the corpus's last N rows; their MLM loss is reported "
                                                "as val_mlm_loss at every checkpoint (the sweep objective)")
     fault_at_step: int | None = Field(None, ge=1, description="fault injection: the last worker's process dies "
@@ -366,6 +369,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     last: dict[str, float] = {"step": step, "rows_skipped_for_balance": skipped}
+    start_step, pause_at = step, set(cfg.pause_at_steps)
     t_window, tokens_window, samples_window = time.perf_counter(), 0, 0
     t_start = time.perf_counter()
     done = step >= total
@@ -437,7 +441,8 @@ def train_loop_per_worker(config: dict) -> None:
                     marker.write_text(str(step))
                     log.warning("fault injection: worker rank %d exits after step %d", rank, step)
                     os._exit(1)
-            stop_early = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
+            stop_early = ((cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
+                          or (step in pause_at and step > start_step))
             if step >= total or stop_early:
                 done = True
                 save(final=step >= total)

@@ -80,8 +80,10 @@ class SweepConfig(Section):
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
     seed: int = 0
-    scheduler: Literal["asha", "hyperband", "fifo"] = "asha"
-    grace_period: int = Field(1, ge=1, description="reports (checkpoints) before ASHA may stop a trial")
+    scheduler: Literal["asha", "sha", "hyperband", "fifo"] = Field(
+        "asha", description="asha: asynchronous successive halving; sha: synchronous (trials wait at each rung for "
+                            "the whole population, so the cut does not depend on arrival order); hyperband; fifo")
+    grace_period: int = Field(1, ge=1, description="reports (checkpoints) before ASHA/SHA may stop a trial")
     reduction_factor: int = Field(2, ge=2)
     trial_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
     cpus_per_worker: float = Field(0.9, gt=0)

@@ -45,7 +45,7 @@ def _parent_run(client, cfg, out: Path, job: str, params: dict) -> str:
 
 def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: str, num_samples: int,
              search_alg=None, scheduler=None, max_concurrent: int, kinds: set[str], model: str | None,
-             tracking_uri: str, proxy_task: dict | None = None, objective: str) -> dict:
+             tracking_uri: str, proxy_task: dict | None = None, objective: str, rungs: list[int] | None = None) -> dict:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
@@ -61,7 +61,8 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
                                                  "metric": metric, "mode": mode, "num_samples": num_samples})
     base = dump_config(cfg)
     shared = {"base": base, "stages": stages, "tracking_uri": tracking_uri, "parent_run": parent, "out": str(out.resolve()),
-              "job": job, "model": model, "objective": objective, "proxy_task": proxy_task}
+              "job": job, "model": model, "objective": objective, "proxy_task": proxy_task,
+              "rungs": list(rungs or [])}
     if objective == "proxy_f1":
         # the proxy F1 only exists in a trial's last result; the step reports carry the losses
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -77,7 +78,9 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg,
-                                        scheduler=scheduler, max_concurrent_trials=max_concurrent),
+                                        scheduler=scheduler,
+                                        # a sweep's searcher is already a ConcurrencyLimiter (SHA moves its cap)
+                                        max_concurrent_trials=None if search_alg is not None else max_concurrent),
             run_config=tune.RunConfig(name=job, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
     grid = tuner.fit()
@@ -92,25 +95,34 @@ def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, mode
         trials.append({"trial_id": m.get("trial_id") or Path(r.path).name.split("_")[2], "config": r.config,
                        "steps": int(m.get("step", 0) or 0), metric: m.get(metric),
                        "error": (str(r.error).splitlines()[0][:500] if r.error else None)})
-    # runs ASHA stopped: their trial actor was killed mid-run, so their MLflow run is still RUNNING
-    for run in client.search_runs([client.get_run(parent).info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
-        client.set_tag(run.info.run_id, "keplm.stopped_early", "true")
-        client.set_terminated(run.info.run_id, status="KILLED")
-    # optimizer steps each trial actually ran (a stopped trial runs on a little after its last report)
     children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
-    steps_by_trial = {r.data.tags.get("keplm.trial_id"): int(r.data.metrics.get("step", 0)) for r in children}
+    # runs a scheduler stopped: their trial actor was killed mid-run (or while paused by SHA), which leaves
+    # their MLflow run RUNNING, KILLED or (when the kill surfaced as an error in the trial) FAILED, though Tune
+    # recorded no error for them
+    errored = {t["trial_id"] for t in trials if t["error"] is not None}
+    for run in children:
+        if run.info.status != "FINISHED" and run.data.tags.get("keplm.trial_id") not in errored:
+            client.set_tag(run.info.run_id, "keplm.stopped_early", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
+    # steps reached, and optimizer steps actually run: one logged `step` value per step, so a trial stopped
+    # a little after its last report, or resumed from a checkpoint behind where it was paused, is charged
+    # for every step it ran
+    reached = {r.data.tags.get("keplm.trial_id"): int(r.data.metrics.get("step", 0)) for r in children}
+    run_ids = {r.data.tags.get("keplm.trial_id"): r.info.run_id for r in children}
     for t in trials:
-        t["steps"] = steps_by_trial.get(t["trial_id"], t["steps"])
+        t["steps"] = reached.get(t["trial_id"], t["steps"])
+        t["steps_run"] = (len(client.get_metric_history(run_ids[t["trial_id"]], "step"))
+                          if t["trial_id"] in run_ids else t["steps"])
     ok = [t for t in trials if t["error"] is None and t[metric] is not None]
     summary: dict[str, Any] = {"job": job, "trials": len(trials), "failed": sum(t["error"] is not None for t in trials),
-                               "trial_steps": sum(t["steps"] for t in trials), "metric": metric, "mode": mode,
+                               "trial_steps": sum(t["steps_run"] for t in trials), "metric": metric, "mode": mode,
                                "parent_run": parent, "stopped_early": sum(t["steps"] < (max_steps or 0) for t in trials)}
     with open(out / "trials.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["trial_id", "config", "steps", metric, "error"])
+        w.writerow(["trial_id", "config", "steps", "steps_run", metric, "error"])
         for t in trials:
-            w.writerow([t["trial_id"], json.dumps(t["config"], ensure_ascii=False), t["steps"], t[metric], t["error"] or ""])
+            w.writerow([t["trial_id"], json.dumps(t["config"], ensure_ascii=False), t["steps"], t["steps_run"], t[metric],
+                        t["error"] or ""])
     client.log_artifact(parent, str(out / "trials.csv"))
     if ok:
         best = (min if mode == "min" else max)(ok, key=lambda t: t[metric])
@@ -140,6 +152,8 @@ def sweep(cfg, out: Path, tracking_uri: str) -> dict:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from keplm.tuning.halving import SynchronousHalving
+
     sc = cfg.sweep
     if not sc.space:
         raise KeplmError("sweep.space is empty: declare the knobs to search (see configs/sweep-demo.yaml)")
@@ -150,21 +164,27 @@ def sweep(cfg, out: Path, tracking_uri: str) -> dict:
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "num_workers": sc.trial_workers, "cpus_per_worker": sc.cpus_per_worker, "gpus_per_worker": sc.gpus_per_worker})})
     max_t = cfg.train.max_steps or 10**9
+    search = ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=sc.seed),
+                                                   points_to_evaluate=sc.points_to_evaluate or None), max_concurrent=sc.max_concurrent)
     scheduler = None
     if sc.scheduler != "fifo" and sc.objective == "val_mlm_loss":
         grace = sc.grace_period * cfg.train.checkpoint_every
-        scheduler = (ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=sc.reduction_factor,
-                                       stop_last_trials=False)
-                     if sc.scheduler == "asha" else HyperBandScheduler(time_attr="step", max_t=max_t,
-                                                                        reduction_factor=sc.reduction_factor))
-    search = ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=sc.seed),
-                                                   points_to_evaluate=sc.points_to_evaluate or None), max_concurrent=sc.max_concurrent)
+        if sc.scheduler == "asha":
+            scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace,
+                                      reduction_factor=sc.reduction_factor, stop_last_trials=False)
+        elif sc.scheduler == "sha":
+            scheduler = SynchronousHalving(time_attr="step", metric=metric, mode=mode, max_t=max_t, grace_period=grace,
+                                           reduction_factor=sc.reduction_factor, num_samples=sc.num_samples,
+                                           max_concurrent=sc.max_concurrent).limit(search)
+        else:
+            scheduler = HyperBandScheduler(time_attr="step", max_t=max_t, reduction_factor=sc.reduction_factor)
     space = {k: v.to_tune() for k, v in sc.space.items()}
     choices = [{"model.kind": c} for k, v in sc.space.items() if k == "model.kind" for c in (v.choice or [])]
     proxy = _proxy_task(cfg) if sc.objective == "proxy_f1" else None
     return run_tune(cfg, out, "sweep", space, metric=metric, mode=mode, num_samples=sc.num_samples, search_alg=search,
                     scheduler=scheduler, max_concurrent=sc.max_concurrent, kinds=kinds_in(cfg, choices), model=None,
-                    tracking_uri=tracking_uri, proxy_task=proxy, objective=sc.objective)
+                    tracking_uri=tracking_uri, proxy_task=proxy, objective=sc.objective,
+                    rungs=scheduler.milestones if isinstance(scheduler, SynchronousHalving) else None)
 
 
 def ablate(cfg, out: Path, tracking_uri: str, model: str) -> dict:

@@ -5,8 +5,11 @@ search space (``{"K": 10, "train.lr": 3e-4}``) or of an ablation grid (``{"varia
 1}``); ``shared`` (``tune.with_parameters``) carries the base config, the stage directories per model kind
 (built once by the driver), the tracking URI and the parent MLflow run. Every Ray Train report (one per
 checkpoint: step, losses, ``val_mlm_loss``) reaches Tune through ``TuneReportCallback``, so ASHA can stop
-the trial between checkpoints. The trial's MLflow run is a child of the sweep's run and receives the
-per-step metrics from rank 0, the objective at the end, and FAILED when the trial raises.
+the trial between checkpoints. Under synchronous halving (``shared["rungs"]``) the Train run ends at each
+rung with a checkpoint and the trial waits for the rung's decision; a paused trial is restarted later,
+and Ray Train resumes it from that checkpoint into the same MLflow run. The trial's MLflow run is a child
+of the sweep's run and receives the per-step metrics from rank 0, the objective at the end, and FAILED
+when the trial raises.
 """
 
 from __future__ import annotations
@@ -52,17 +55,29 @@ def pretrain_trial(config: dict, shared: dict) -> None:
     cfg = trial_config(shared["base"], overrides)
     tags.update({"mlflow.parentRunId": shared["parent_run"], "keplm.job": f"{shared['job']}-trial",
                  "keplm.trial_id": trial_id, "keplm.model": cfg.model.kind})
-    run_id = start_run(client, cfg, f"{tags.get('keplm.variant', 'trial')}-{trial_id}", tags)
+    run_id = resumed_run(client, shared["parent_run"], trial_id) or start_run(
+        client, cfg, f"{tags.get('keplm.variant', 'trial')}-{trial_id}", tags)
     trial_dir = Path(shared["out"]) / "trials" / trial_id
     try:
         stages = {k: (Path(v) if v else None) for k, v in shared["stages"][cfg.model.kind].items()}
         inputs = training_inputs(cfg, stages, trial_dir)
-        result = run_training(cfg.train, inputs["files"], build_for_worker, inputs["context"], trial_dir,
-                              shared["tracking_uri"], run_id, cfg.batches.max_seq_len, val_files=inputs["val_files"],
-                              callbacks=[TuneReportCallback()], name="train")
-        if result.error is not None:
-            raise result.error
-        metrics = dict(result.metrics or {})
+        rungs = shared.get("rungs") or []
+        train_cfg = cfg.train.model_copy(update={"pause_at_steps": rungs}) if rungs else cfg.train
+        while True:
+            result = run_training(train_cfg, inputs["files"], build_for_worker, inputs["context"], trial_dir,
+                                  shared["tracking_uri"], run_id, cfg.batches.max_seq_len, val_files=inputs["val_files"],
+                                  callbacks=[TuneReportCallback()], name="train")
+            if result.error is not None:
+                raise result.error
+            metrics = dict(result.metrics or {})
+            if not rungs or metrics.get("final"):
+                break
+            # the run ended at a rung, with a checkpoint and its report on the way to the scheduler. Waiting
+            # in tune.report (it returns only when Tune asks for the next result, i.e. on CONTINUE) keeps
+            # the trial from training on while the rest of the rung is run: a PAUSE checkpoints and ends
+            # this process, a STOP ends it; on CONTINUE (it was the last to arrive and survived) the next
+            # segment resumes from the rung's checkpoint.
+            tune.report(metrics)
         if shared["objective"] == "proxy_f1":
             f1 = proxy_objective(result, stages["prepare"], trial_dir, cfg, shared["proxy_task"])
             metrics["proxy_f1"] = f1
@@ -78,6 +93,18 @@ def pretrain_trial(config: dict, shared: dict) -> None:
     except BaseException:   # stopped by the scheduler
         client.set_terminated(run_id, status="KILLED")
         raise
+
+
+def resumed_run(client, parent_run: str, trial_id: str) -> str | None:
+    """The MLflow run of a trial that ran before (paused by SHA, or a restored sweep), set RUNNING again;
+    its metrics go on from the step Ray Train resumes at."""
+    exp = client.get_run(parent_run).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_run}' and tags.`keplm.trial_id` = '{trial_id}'",
+                              max_results=1)
+    if not runs:
+        return None
+    client.update_run(runs[0].info.run_id, status="RUNNING")
+    return runs[0].info.run_id
 
 
 def proxy_objective(result, prepare_dir: Path, trial_dir: Path, cfg, task: dict) -> float:
