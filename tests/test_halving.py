@@ -162,3 +162,31 @@ def test_a_trial_that_fails_leaves_its_rung():
     # the rung at 3 is decided on the 5 that reported there (without waiting for the failed one): 5 // 3 = 1
     assert len(done) == 1 and order[0] not in done
     assert sum(steps.values()) == 3 + 5 * 3 + 1 * 9
+
+
+def test_after_a_restore_ended_trials_count_toward_the_population():
+    """Tuner.restore re-adds every trial; those a rung had already cut come back TERMINATED. The paused ones
+    must still be able to complete the rung (a population short of num_samples would wait for ever)."""
+    sched = SynchronousHalving(time_attr="step", metric="loss", mode="min", max_t=12, grace_period=3,
+                               reduction_factor=2, num_samples=4, max_concurrent=2)
+    ctl = FakeController(sched)
+    trials = [FakeTrial(x) for x in "abcd"]
+    for t, status in zip(trials, (Trial.TERMINATED, Trial.PAUSED, Trial.PAUSED, Trial.PAUSED)):
+        t.status = status
+        ctl.trials.append(t)
+        sched.on_trial_add(ctl, t)
+    resumed = []
+    while (t := sched.choose_trial_to_run(ctl)) is not None and len(resumed) < 3:
+        t.status = Trial.RUNNING
+        resumed.append(t)
+    assert resumed == trials[1:3]                           # two at a time: max_concurrent
+    assert sched.on_trial_result(ctl, trials[1], {"step": 6, "loss": 2.0}) == TrialScheduler.PAUSE
+    trials[1].status = Trial.PAUSED
+    assert sched.on_trial_result(ctl, trials[2], {"step": 6, "loss": 3.0}) == TrialScheduler.PAUSE
+    trials[2].status = Trial.PAUSED
+    d = sched.choose_trial_to_run(ctl)
+    assert d is trials[3]
+    d.status = Trial.RUNNING
+    # the last of the three live trials completes the rung: 3 // 2 = 1 goes on (d, the lowest); b, c stop
+    assert sched.on_trial_result(ctl, d, {"step": 6, "loss": 1.5}) == TrialScheduler.CONTINUE
+    assert trials[1].status == Trial.TERMINATED and trials[2].status == Trial.TERMINATED

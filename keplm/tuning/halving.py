@@ -15,8 +15,9 @@ which would deadlock the sweep once ``max_concurrent`` trials wait at a rung. So
 the scheduler (``limit``), which keeps its cap at ``max_concurrent`` + the trials it has paused, and resumes
 a paused survivor only while fewer than ``max_concurrent`` trials are running or starting.
 
-After ``Tuner.restore`` the rung records start empty: each restored trial is entered at the first rung
-its next report reaches.
+After ``Tuner.restore`` the rung records start empty: each unfinished trial is entered at the first rung
+its next report reaches (a trial restored from its rung checkpoint is ranked there on the report after it),
+and trials that had ended are counted as having left.
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ class SynchronousHalving(TrialScheduler):
 
     # --- trial lifecycle -------------------------------------------------------------------------------
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        self._added += 1      # a restored trial that already ended still counts toward num_samples
         if trial.status in (Trial.TERMINATED, Trial.ERROR):
             return
-        self._added += 1
         self._level.setdefault(trial, 0)
         self._record.setdefault(trial, {})
         self._live.append(trial)
