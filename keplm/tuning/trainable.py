@@ -49,6 +49,20 @@ def pretrain_trial(config: dict, shared: dict) -> None:
     from keplm.models.setup import build_for_worker
     from keplm.platform.train_loop import run_training
 
+    class RungHoldingReport(TuneReportCallback):
+        """Forwards every Ray Train report to Tune except the one a run ends with at a rung
+        (``pause_at_steps``): the trial reports that itself, once the run has shut down (below)."""
+
+        def __init__(self, rungs: list[int]):
+            super().__init__()
+            self.rungs = set(rungs)
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0] if metrics else {}
+            if m.get("step") in self.rungs and not m.get("final"):
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
     trial_id = tune.get_context().get_trial_id()
     overrides, tags = trial_overrides(config, shared.get("model"))
     client = MlflowClient(shared["tracking_uri"])
@@ -66,17 +80,18 @@ def pretrain_trial(config: dict, shared: dict) -> None:
         while True:
             result = run_training(train_cfg, inputs["files"], build_for_worker, inputs["context"], trial_dir,
                                   shared["tracking_uri"], run_id, cfg.batches.max_seq_len, val_files=inputs["val_files"],
-                                  callbacks=[TuneReportCallback()], name="train")
+                                  callbacks=[RungHoldingReport(rungs)], name="train")
             if result.error is not None:
                 raise result.error
             metrics = dict(result.metrics or {})
             if not rungs or metrics.get("final"):
                 break
-            # the run ended at a rung, with a checkpoint and its report on the way to the scheduler. Waiting
-            # in tune.report (it returns only when Tune asks for the next result, i.e. on CONTINUE) keeps
-            # the trial from training on while the rest of the rung is run: a PAUSE checkpoints and ends
-            # this process, a STOP ends it; on CONTINUE (it was the last to arrive and survived) the next
-            # segment resumes from the rung's checkpoint.
+            # The run ended at a rung with a checkpoint, and has shut down (its workers' placement group is
+            # gone) only now: a PAUSE that killed this process while Ray Train was still shutting down would
+            # leave the placement group reserved, and the sweep waiting for CPUs no one holds. So the rung's
+            # report is made here, not by the callback. tune.report returns only when Tune asks for the next
+            # result, i.e. on CONTINUE (this trial was the last to arrive and survived): the next segment
+            # resumes from the rung's checkpoint. A PAUSE or STOP ends this process while it waits.
             tune.report(metrics)
         if shared["objective"] == "proxy_f1":
             f1 = proxy_objective(result, stages["prepare"], trial_dir, cfg, shared["proxy_task"])
