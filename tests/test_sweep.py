@@ -56,6 +56,22 @@ def test_ablation_overrides_set_variant_and_seed():
     assert trial_overrides({"variant": "ernie", "seed": 0}, "smedbert")[0]["model.kind"] == "ernie"
 
 
+def test_a_resumed_trial_reuses_its_mlflow_run(tmp_path):
+    from keplm.tuning.trainable import resumed_run
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    other = client.create_run(exp, tags={"keplm.trial_id": "t1"}).info.run_id       # not a child of this sweep
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent, "keplm.trial_id": "t1",
+                                         "keplm.stopped_early": "true"}).info.run_id
+    client.set_terminated(child, status="KILLED")
+    assert resumed_run(client, parent, "t2") is None                                   # a new trial: a new run
+    assert resumed_run(client, parent, "t1") == child != other
+    run = client.get_run(child)
+    assert run.info.status == "RUNNING" and "keplm.stopped_early" not in run.data.tags
+
+
 # ------------------------------------------------------------------ compare arithmetic
 
 def _log_ablation(client, values: dict[str, list[float]]):
