@@ -3,7 +3,6 @@ scheduler's Tune hooks (statuses, pauses, stops, the concurrency cap) in many ar
 
 import random
 
-import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
