@@ -66,10 +66,108 @@ def test_a_resumed_trial_reuses_its_mlflow_run(tmp_path):
     child = client.create_run(exp, tags={"mlflow.parentRunId": parent, "keplm.trial_id": "t1",
                                          "keplm.stopped_early": "true"}).info.run_id
     client.set_terminated(child, status="KILLED")
+    client.set_tag(child, "keplm.interrupted", "true")
     assert resumed_run(client, parent, "t2") is None                                   # a new trial: a new run
     assert resumed_run(client, parent, "t1") == child != other
     run = client.get_run(child)
-    assert run.info.status == "RUNNING" and "keplm.stopped_early" not in run.data.tags
+    assert run.info.status == "RUNNING" and not {"keplm.stopped_early", "keplm.interrupted"} & set(run.data.tags)
+
+
+def _interrupt_driver_at(step: int):
+    """A trainable that reports 40 steps and, at ``step``, sends the Tune driver SIGUSR1 (Tune's own stop
+    signal, handled like Ctrl-C); sent from inside a trial, it can only arrive while fit() runs."""
+    import os
+    import signal
+    import time
+
+    from ray import tune
+
+    driver = os.getpid()
+
+    def trainable(config):
+        for i in range(1, 41):
+            time.sleep(0.1)
+            tune.report({"step": i, "loss": config["x"] / i})
+            if i == step and config["x"] == 1:
+                os.kill(driver, signal.SIGUSR1)
+    return trainable
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_unfinished_trials_tells_an_interrupted_experiment_from_a_finished_one(ray_local, tmp_path, interrupt):
+    from ray import tune
+
+    from keplm.tuning.sweep import unfinished_trials
+
+    tuner = tune.Tuner(tune.with_resources(_interrupt_driver_at(3 if interrupt else 0), {"cpu": 0.5}),
+                       param_space={"x": tune.grid_search([1, 2, 3])},
+                       tune_config=tune.TuneConfig(metric="loss", mode="min", max_concurrent_trials=2),
+                       run_config=tune.RunConfig(name="e", storage_path=str(tmp_path), verbose=0))
+    grid = tuner.fit()
+    # in memory Tune's cleanup has marked the trials it was running TERMINATED either way
+    assert all(not r.error for r in grid)
+    left = unfinished_trials(str(tmp_path / "e"), expected=3)
+    if not interrupt:
+        assert left is None
+        assert unfinished_trials(str(tmp_path / "e"), expected=4) == []   # a trial the searcher never made
+    else:
+        cut = next(r for r in grid if r.config["x"] == 1)                 # the trial that sent the signal
+        assert cut.metrics["trial_id"] in left and cut.metrics["step"] < 40
+
+
+class _Result:
+    def __init__(self, trial_id, config, step, loss, error=None):
+        self.metrics = {"trial_id": trial_id, "step": step, "val_mlm_loss": loss}
+        self.config, self.error, self.path = config, error, f"/x/pretrain_trial_{trial_id}_0"
+
+
+def test_an_interrupted_sweep_is_recorded_as_such_and_its_resume_finishes_it(tmp_path):
+    """finish() on a sweep stopped with one trial still live: parent and that trial KILLED + interrupted,
+    the trial an early-stopping scheduler stopped KILLED + stopped_early, no best config, exit 130; the
+    resumed sweep's finish() ends the parent FINISHED, untagged, with the best config."""
+    from keplm.platform.config import dump_config
+    from keplm.tuning.sweep import SweepInterrupted, finish
+
+    cfg = config.load(ROOT / "configs" / "sweep-demo.yaml", ["train.max_steps=12"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, tags={"keplm.job": "sweep"}).info.run_id
+    runs = {}
+    for tid, last in (("a", 12), ("b", 6), ("c", 3)):
+        runs[tid] = client.create_run(exp, tags={"mlflow.parentRunId": parent, "keplm.trial_id": tid}).info.run_id
+        for step in range(1, last + 1):
+            client.log_metric(runs[tid], "step", step, step=step)
+    client.set_terminated(runs["a"])                                   # ran to max_steps
+    grid = [_Result("a", {"K": 10, "lr": 1e-3}, 12, 6.5), _Result("b", {"K": 5, "lr": 2e-3}, 6, 7.0),
+            _Result("c", {"K": 20, "lr": 3e-4}, 3, 7.5)]
+    out = tmp_path / "out"
+    out.mkdir()
+    args = (cfg, out, "sweep", grid, client, parent, dump_config(cfg), None, "val_mlm_loss", "min")
+    with pytest.raises(SweepInterrupted, match="1 trial.*unfinished.*run the same command again") as exc:
+        finish(*args, unfinished=["c"])
+    assert exc.value.exit_code == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["unfinished_trials"] == 1 and summary["stopped_early"] == 1
+    assert summary["trial_steps"] == 12 + 6 + 3 and not (out / "best_config.yaml").exists()
+    p = client.get_run(parent)
+    assert p.info.status == "KILLED" and p.data.tags["keplm.interrupted"] == "true"
+    b, c = client.get_run(runs["b"]), client.get_run(runs["c"])
+    assert b.info.status == c.info.status == "KILLED"
+    assert "keplm.stopped_early" in b.data.tags and "keplm.interrupted" not in b.data.tags
+    assert "keplm.interrupted" in c.data.tags and "keplm.stopped_early" not in c.data.tags
+
+    # the rerun resumes c to the end (its run reopened, as resumed_run does) and finishes
+    client.update_run(runs["c"], status="RUNNING")
+    client.delete_tag(runs["c"], "keplm.interrupted")
+    for step in range(4, 13):
+        client.log_metric(runs["c"], "step", step, step=step)
+    client.set_terminated(runs["c"])
+    grid[2] = _Result("c", {"K": 20, "lr": 3e-4}, 12, 6.0)
+    summary = finish(*args, unfinished=None)
+    assert "interrupted" not in summary and summary["best_trial"] == "c" and summary["stopped_early"] == 1
+    p = client.get_run(parent)
+    assert p.info.status == "FINISHED" and "keplm.interrupted" not in p.data.tags
+    assert config.load(out / "best_config.yaml").batches.k == 20
 
 
 # ------------------------------------------------------------------ compare arithmetic
@@ -207,6 +305,60 @@ def test_synchronous_halving_pauses_at_rungs_and_resumes_survivors_exactly(tmp_p
         else:
             assert steps == [1, 2, 3] and c.info.status == "KILLED"
             assert c.data.tags["keplm.stopped_early"] == "true"
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_an_interrupted_sweep_that_the_same_command_resumes(tmp_path):
+    """SIGINT to `keplm sweep` while trials train: exit 130 with one line, the parent and the cut-off
+    trials KILLED + keplm.interrupted, no best config; the same command then resumes and finishes it."""
+    import signal
+    import time
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump({"extends": str(ROOT / "configs" / "sweep-demo.yaml"),
+                                   "train": {"max_steps": 12}, "sweep": {"num_samples": 3, "scheduler": "fifo"}}))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "keplm.jobs.cli", "sweep", "--config", str(cfg), "--output", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    deadline = time.monotonic() + 600
+
+    def steps_logged() -> int:
+        try:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`keplm.trial_id` != ''")
+        except Exception:   # the job has not created its store yet
+            return 0
+        return max((int(r.data.metrics.get("step", 0)) for r in runs), default=0)
+
+    while steps_logged() < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before a trial trained"
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "keplm sweep: error: sweep interrupted with" in err and "run the same command again" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["unfinished_trials"] >= 1
+    assert not (out / "best_config.yaml").exists()
+    parent = client.get_run(summary["parent_run"])
+    assert parent.info.status == "KILLED" and parent.data.tags["keplm.interrupted"] == "true"
+    exp = [parent.info.experiment_id]
+    cut = client.search_runs(exp, "tags.`keplm.interrupted` = 'true' and tags.`keplm.trial_id` != ''")
+    assert cut and all(r.info.status == "KILLED" and "keplm.stopped_early" not in r.data.tags for r in cut)
+    c = keplm("compare", "--experiment", "keplm", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
+              "--output", tmp_path / "cmp")
+    assert last_json(c)["interrupted_runs"] == len(cut) and "cut off by an interrupted sweep" in c.stderr
+
+    res = last_json(keplm("sweep", "--config", cfg, "--output", out))
+    assert res["parent_run"] == summary["parent_run"] and res["trials"] == 3 and res["failed"] == 0
+    assert "interrupted" not in res and (out / "best_config.yaml").is_file()
+    parent = client.get_run(res["parent_run"])
+    assert parent.info.status == "FINISHED" and "keplm.interrupted" not in parent.data.tags
+    children = client.search_runs(exp, f"tags.`mlflow.parentRunId` = '{res['parent_run']}'")
+    assert len(children) == 3                                   # the cut-off trials went on in their own runs
+    for c in children:
+        assert c.info.status == "FINISHED" and not {"keplm.interrupted", "keplm.stopped_early"} & set(c.data.tags)
+        assert int(c.data.metrics["step"]) == 12
 
 
 @pytest.mark.slow

@@ -29,13 +29,13 @@ def split_overrides(paths: list[str] | None, overrides: list[str]) -> tuple[list
 
 
 def run_job(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run a job; user errors become one line on stderr and exit code 2."""
+    """Run a job; user errors become one line on stderr and their exit code (2 unless the error says)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return fn(args) or 0
     except KeplmError as exc:
         print(f"keplm {args.job}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"keplm {args.job}: interrupted", file=sys.stderr)
         return 130

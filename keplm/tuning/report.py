@@ -3,7 +3,8 @@
 Which runs: the children of ``parent`` (a sweep's or an ablation's run), by default the experiment's
 latest such parent; with no sweep or ablation in the experiment, every run of it. Variants are the
 ``keplm.variant`` tag (ablations), else the run name (sweep trials: one row each). FAILED runs are left
-out and counted; runs a scheduler stopped early (KILLED) are kept with the metrics they reached.
+out and counted; runs a scheduler stopped early (KILLED) are kept with the metrics they reached, and so
+are runs an interrupted sweep cut off (``keplm.interrupted``), counted and warned about.
 Best per column: lowest for a ``*loss*`` metric, highest otherwise.
 
 Plots (PNG, matplotlib): a bar chart with ±std error bars per metric; for sweeps also the objective
@@ -14,6 +15,7 @@ in-memory Optuna study) and Optuna's parallel-coordinates plot.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ import numpy as np
 
 from keplm.platform.errors import KeplmError
 from keplm.tuning.space import config_key
+
+log = logging.getLogger(__name__)
 
 METRICS = ("objective", "val_mlm_loss", "proxy_f1", "test_f1", "dev_f1", "acc_at_1", "loss", "mlm_loss", "sop_loss",
            "mnem_loss", "mmem_loss", "ed_loss", "el_loss", "cecp_loss", "est_loss", "bem_loss")
@@ -225,6 +229,10 @@ def compare(client, experiment: str, out: Path, parent_id: str | None = None, me
     if not runs:
         raise KeplmError(f"experiment {experiment!r}: no runs to compare")
     rows, metrics, failed = comparison_table(runs, metrics)
+    cut = sum("keplm.interrupted" in r.data.tags for r in runs)
+    if cut:
+        log.warning("compare: %d run(s) were cut off by an interrupted sweep and hold partial metrics; "
+                    "run the sweep's command again to finish them", cut)
     csv_path, md_path, md = write_tables(rows, metrics, out)
     plots = plot_bars(rows, metrics, out)
     job = parent.data.tags.get("keplm.job") if parent else None
@@ -235,5 +243,6 @@ def compare(client, experiment: str, out: Path, parent_id: str | None = None, me
         for p in (csv_path, md_path, *plots):
             client.log_artifact(parent.info.run_id, str(p), artifact_path="compare")
     return {"parent_run": parent.info.run_id if parent else None, "job": job, "runs": len(runs), "failed_left_out": failed,
+            "interrupted_runs": cut,
             "rows": rows, "metrics": metrics, "markdown": md, "files": [str(p) for p in (csv_path, md_path, *plots)],
             "best": best_per_column(rows, metrics)}

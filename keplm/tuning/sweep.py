@@ -3,7 +3,9 @@ MLflow parent + child runs, the best config as YAML that ``keplm pretrain`` acce
 
 Resumable: the Tune experiment lives in ``OUT/tune/<job>``; running the same command again restores it
 with ``Tuner.restore`` (finished trials are kept, unfinished ones resumed) and reuses the parent run.
-A trial that raises is recorded (Tune error, FAILED MLflow run) and the others go on.
+A trial that raises is recorded (Tune error, FAILED MLflow run) and the others go on. An interrupted
+sweep (Ctrl-C / SIGINT, SIGUSR1: Tune saves its state and returns) is recorded as such — parent and
+unfinished trials KILLED and tagged ``keplm.interrupted``, no best config — and the job exits 130.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,12 @@ import yaml
 
 from keplm.platform.config import dump_config, flatten
 from keplm.platform.errors import KeplmError
+
+
+class SweepInterrupted(KeplmError):
+    """Tune was stopped (SIGINT / SIGUSR1) before every trial ended; its state is saved for a resume."""
+
+    exit_code = 130  # the shell's code for "ended by SIGINT"
 from keplm.tuning.space import ABLATION_GRIDS, merge, nest
 from keplm.tuning.trainable import pretrain_trial, trial_overrides
 
@@ -84,11 +93,33 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
             run_config=tune.RunConfig(name=job, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
     grid = tuner.fit()
-    return finish(cfg, out, job, grid, client, parent, base, model, metric, mode)
+    expected_trials = num_samples * math.prod(len(v["grid_search"]) for v in param_space.values()
+                                              if isinstance(v, dict) and "grid_search" in v)
+    return finish(cfg, out, job, grid, client, parent, base, model, metric, mode,
+                  unfinished=unfinished_trials(path, expected_trials))
 
 
-def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, model: str | None, metric: str, mode: str) -> dict:
+def unfinished_trials(experiment_path: str, expected: int) -> list[str] | None:
+    """None when every trial of the experiment ended, else the ids of those that had not when Tune stopped.
+
+    Tune handles SIGINT / SIGUSR1 itself: it saves the experiment state and returns from ``fit()`` as if
+    done, after its cleanup marked the trials it was running TERMINATED in memory. The state it saved
+    still holds them live (PENDING / RUNNING / PAUSED), so that is what is read here. Trials the searcher
+    had not created yet count too: fewer than ``expected`` trials means the sweep was cut short."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(experiment_path).trials
+    live = [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return live if live or len(trials) < expected else None
+
+
+def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, model: str | None, metric: str, mode: str,
+           unfinished: list[str] | None = None) -> dict:
+    """Summarise the trials into MLflow and OUT (trials.csv, summary.json, best_config.yaml); ``unfinished``
+    (see ``unfinished_trials``) marks an interrupted sweep, which gets no best config and raises
+    ``SweepInterrupted`` after its summary is written."""
     max_steps = cfg.train.max_steps
+    interrupted = unfinished is not None
     trials = []
     for r in grid:
         m = dict(r.metrics or {})
@@ -100,9 +131,12 @@ def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, mode
     # their MLflow run RUNNING, KILLED or (when the kill surfaced as an error in the trial) FAILED, though Tune
     # recorded no error for them
     errored = {t["trial_id"] for t in trials if t["error"] is not None}
+    live = set(unfinished or ())
     for run in children:
-        if run.info.status != "FINISHED" and run.data.tags.get("keplm.trial_id") not in errored:
-            client.set_tag(run.info.run_id, "keplm.stopped_early", "true")
+        tid = run.data.tags.get("keplm.trial_id")
+        if run.info.status != "FINISHED" and tid not in errored:
+            # a trial the interrupt cut off is resumed by the next run of the command, not stopped early
+            client.set_tag(run.info.run_id, "keplm.interrupted" if tid in live else "keplm.stopped_early", "true")
             client.set_terminated(run.info.run_id, status="KILLED")
     # steps reached, and optimizer steps actually run: one logged `step` value per step, so a trial stopped
     # a little after its last report, or resumed from a checkpoint behind where it was paused, is charged
@@ -116,7 +150,11 @@ def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, mode
     ok = [t for t in trials if t["error"] is None and t[metric] is not None]
     summary: dict[str, Any] = {"job": job, "trials": len(trials), "failed": sum(t["error"] is not None for t in trials),
                                "trial_steps": sum(t["steps_run"] for t in trials), "metric": metric, "mode": mode,
-                               "parent_run": parent, "stopped_early": sum(t["steps"] < (max_steps or 0) for t in trials)}
+                               "parent_run": parent,
+                               "stopped_early": sum(t["steps"] < (max_steps or 0) and t["trial_id"] not in live
+                                                    for t in trials)}
+    if interrupted:
+        summary.update(interrupted=True, unfinished_trials=len(live))
     with open(out / "trials.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["trial_id", "config", "steps", "steps_run", metric, "error"])
@@ -124,6 +162,14 @@ def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, mode
             w.writerow([t["trial_id"], json.dumps(t["config"], ensure_ascii=False), t["steps"], t["steps_run"], t[metric],
                         t["error"] or ""])
     client.log_artifact(parent, str(out / "trials.csv"))
+    if interrupted:
+        client.set_tag(parent, "keplm.interrupted", "true")
+        client.set_terminated(parent, status="KILLED")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+        raise SweepInterrupted(f"{job} interrupted with {len(live)} trial(s) unfinished ({len(trials)} started); "
+                               f"its state is saved: run the same command again to resume it")
+    if "keplm.interrupted" in client.get_run(parent).data.tags:   # this run resumed an interrupted one
+        client.delete_tag(parent, "keplm.interrupted")
     if ok:
         best = (min if mode == "min" else max)(ok, key=lambda t: t[metric])
         overrides, _ = trial_overrides(best["config"], model)

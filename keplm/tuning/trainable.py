@@ -112,16 +112,17 @@ def pretrain_trial(config: dict, shared: dict) -> None:
 
 def resumed_run(client, parent_run: str, trial_id: str) -> str | None:
     """The MLflow run of a trial that ran before (paused by SHA, or a restored sweep), set RUNNING again
-    and no longer tagged as stopped early (an interrupted sweep's summary tags its unfinished runs so); its
-    metrics go on from the step Ray Train resumes at."""
+    and no longer tagged as interrupted (or as stopped early, which sweeps summarised before interruptions
+    were told apart tagged them); its metrics go on from the step Ray Train resumes at."""
     exp = client.get_run(parent_run).info.experiment_id
     runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_run}' and tags.`keplm.trial_id` = '{trial_id}'",
                               max_results=1)
     if not runs:
         return None
     run = runs[0]
-    if "keplm.stopped_early" in run.data.tags:
-        client.delete_tag(run.info.run_id, "keplm.stopped_early")
+    for tag in ("keplm.interrupted", "keplm.stopped_early"):
+        if tag in run.data.tags:
+            client.delete_tag(run.info.run_id, tag)
     client.update_run(run.info.run_id, status="RUNNING")
     return run.info.run_id
 
