@@ -43,16 +43,21 @@ def test_worker_shares_cover_every_row_once(demo_prepared):
 
 
 class _DrawingCollate:
-    """A collator that draws from its RNG, like KnowledgeCollator's masking."""
+    """A collator that draws from its RNG, like KnowledgeCollator's masking, and counts what it sees."""
 
     def __init__(self, seed):
+        from collections import Counter
+
         import numpy as np
 
         self.rng = np.random.default_rng(seed)
+        self.stats = Counter()
 
     def __call__(self, rows):
         import torch
 
+        self.stats["rows"] += len(rows)
+        self.stats["odd_rows"] += sum(r["v"] % 2 for r in rows)
         return {"x": torch.tensor([r["v"] for r in rows]), "noise": torch.tensor(self.rng.random(len(rows)))}
 
 
@@ -70,13 +75,28 @@ def test_prefetcher_yields_what_inline_collation_gives_with_the_rng_state_after_
     ahead = Prefetcher(_tables(6), ahead_collate, depth=3)
     got = list(ahead)
     ahead.close()
-    assert [i for i, _, _ in got] == list(range(6))
-    for (i, a, sa), (j, b, sb) in zip(inline, got):
-        assert torch.equal(a["x"], b["x"]) and torch.equal(a["noise"], b["noise"]) and sa == sb
+    assert [i for i, *_ in got] == list(range(6))
+    for (i, a, sa, ca), (j, b, sb, cb) in zip(inline, got):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["noise"], b["noise"]) and sa == sb and ca == cb
     # the state attached to batch 2 is where a resumed run must restart the RNG: batch 3 comes out the same
     resumed = _DrawingCollate(0)
     resumed.rng.bit_generator.state = got[2][2]
     assert torch.equal(resumed([{"v": 3}, {"v": 103}])["noise"], got[3][1]["noise"])
+    # and its counts are those of batches 0-2 only, though the thread had collated further by then
+    assert got[2][3] == {"rows": 6, "odd_rows": 2} and ahead_collate.stats["rows"] == 12
+    assert got[2][3] is not got[3][3]                                   # copies, not the live counter
+
+
+def test_a_collator_without_stats_gets_none_and_restoring_counts_replaces_them():
+    from keplm.platform.train_loop import collate_stats, set_collate_stats
+
+    plain = lambda rows: {}                                              # noqa: E731
+    assert collate_stats(plain) is None
+    set_collate_stats(plain, {"rows": 3})                                # no counts to restore: nothing happens
+    c = _DrawingCollate(0)
+    c([{"v": 1}])
+    set_collate_stats(c, {"rows": 10})
+    assert c.stats == {"rows": 10}
 
 
 def test_prefetcher_raises_the_threads_error_and_stops_when_closed_early():
@@ -147,6 +167,11 @@ def test_two_worker_run_trains_logs_and_checkpoints(chain):
     assert [m.step for m in hist] == list(range(1, 13))
     first, end = hist[0].value, hist[-1].value
     assert end < first  # the loss falls
+    # the collators' counts, summed over both workers, at each checkpoint: rows trained on, not rows the
+    # prefetch thread collated ahead (12 steps x batch 4 x 2 workers)
+    samples = client.get_metric_history(run.info.run_id, "data.samples")
+    assert [(m.step, m.value) for m in samples] == [(4, 32), (8, 64), (12, 96)]
+    assert res["counts"]["data.samples"] == 96 and "data.tokens_cut_by_length" in res["counts"]
     assert client.list_artifacts(run.info.run_id, "model")
 
 
@@ -164,6 +189,8 @@ def test_rerun_reuses_stages_and_stop_then_resume_is_exact(chain, tmp_path):
     a, b = last_json(resumed)["counts"], last_json(full)["counts"]
     assert a["step"] == b["step"] == 12
     assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(b["loss"]))
+    # the collators' counts went on from the checkpoint's: the same as the uninterrupted run's
+    assert {k: v for k, v in a.items() if k.startswith("data.")} == {k: v for k, v in b.items() if k.startswith("data.")}
 
 
 @pytest.mark.slow
@@ -177,6 +204,8 @@ def test_a_lost_worker_restarts_the_group_from_its_last_checkpoint(chain, tmp_pa
     a, b = last_json(r)["counts"], last_json(full)["counts"]
     assert a["step"] == b["step"] == 12
     assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(b["loss"]))
+    # the collators' counts went on from the checkpoint's: the same as the uninterrupted run's
+    assert {k: v for k, v in a.items() if k.startswith("data.")} == {k: v for k, v in b.items() if k.startswith("data.")}
     hist = MlflowClient(f"sqlite:///{tmp_path / 'f' / 'mlflow.db'}").get_metric_history(last_json(r)["mlflow_run_id"], "step")
     assert sorted({int(m.value) for m in hist}) == list(range(1, 13))
     assert sum(int(m.value) in (5, 6) for m in hist) == 4                  # steps 5-6 ran twice

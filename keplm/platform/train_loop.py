@@ -132,9 +132,10 @@ def compile_blocks(model) -> int:
 class Prefetcher:
     """Collates the batches of ``batches`` (an iterable of (index, row table)) ``depth`` ahead in a
     background thread, so that Python collation overlaps the device's step. Yields (index, tensors,
-    rng_state): the collator's RNG state right after that batch, which is what a checkpoint taken after
-    consuming it must hold (the thread has already drawn for the batches after it). ``depth`` 0 collates
-    in the calling thread. Errors in the thread are raised in the consumer."""
+    rng_state, stats): the collator's RNG state and a copy of its ``stats`` counts (None without them)
+    right after that batch, which is what a checkpoint taken after consuming it must hold (the thread
+    has already collated the batches after it). ``depth`` 0 collates in the calling thread. Errors in
+    the thread are raised in the consumer."""
 
     _END = object()
 
@@ -154,7 +155,7 @@ class Prefetcher:
         if self.pin:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
         rng = getattr(self.collate, "rng", None)
-        return i, tensors, (rng.bit_generator.state if rng is not None else None)
+        return i, tensors, (rng.bit_generator.state if rng is not None else None), collate_stats(self.collate)
 
     def _put(self, item) -> bool:
         import queue
@@ -194,6 +195,18 @@ class Prefetcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def collate_stats(collate) -> dict | None:
+    """A copy of the collator's ``stats`` counts (what it cut, dropped or padded), if it keeps them."""
+    stats = getattr(collate, "stats", None)
+    return dict(stats) if isinstance(stats, dict) else None
+
+
+def set_collate_stats(collate, stats: dict | None) -> None:
+    if stats is not None and isinstance(getattr(collate, "stats", None), dict):
+        collate.stats.clear()
+        collate.stats.update(stats)
 
 
 def epoch_files(files: list[str], epoch: int, seed: int) -> list[str]:
@@ -300,8 +313,12 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_rng_state(state["torch_rng"][rank])
         if getattr(collate, "rng", None) is not None and state.get("collate_rng") is not None:
             collate.rng.bit_generator.state = state["collate_rng"][rank]
-    # the collator's RNG state after the last batch the model consumed (the prefetch thread draws ahead)
+        if state.get("collate_stats") is not None:
+            set_collate_stats(collate, state["collate_stats"][rank])
+    # the collator's RNG state and counts after the last batch the model consumed (the prefetch thread
+    # collates ahead)
     collate_state = collate.rng.bit_generator.state if getattr(collate, "rng", None) is not None else None
+    consumed_stats = collate_stats(collate)
 
     tracker = None
     if rank == 0 and config.get("tracking_uri") and config.get("run_id"):
@@ -357,13 +374,27 @@ def train_loop_per_worker(config: dict) -> None:
         # every rank's RNG states, so that each rank resumes its own masking/sampling/dropout stream
         torch_rngs = gather(torch.get_rng_state())
         collate_rngs = gather(collate_state)
+        stats = gather(consumed_stats)
+        if consumed_stats is not None:
+            # what the collators cut, dropped or padded in the batches trained on so far, all ranks summed
+            # (counted, never silent): e.g. data.tokens_cut_by_length, data.mentions_truncated
+            totals: dict[str, int] = {}
+            for rank_stats in stats:
+                for k, v in (rank_stats or {}).items():
+                    totals[f"data.{k}"] = totals.get(f"data.{k}", 0) + v
+            metrics.update(totals)
+            if tracker is not None:
+                from mlflow.entities import Metric
+
+                ts = int(time.time() * 1000)
+                tracker.log_batch(config["run_id"], metrics=[Metric(k, float(v), ts, step) for k, v in totals.items()])
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 core.save_pretrained(Path(d) / "model", safe_serialization=True)
                 torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                             "epoch": epoch, "position": position, "torch_rng": torch_rngs,
-                            "collate_rng": collate_rngs, "world": world}, Path(d) / "state.pt")
+                            "collate_rng": collate_rngs, "collate_stats": stats, "world": world}, Path(d) / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             metrics["final"] = final
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -379,11 +410,12 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, Any] = {}
         if collate_state is not None:  # where the consumed batches left it, whatever the last epoch's thread drew
             collate.rng.bit_generator.state = collate_state
+        set_collate_stats(collate, consumed_stats)
         batches = iter_row_batches(epoch_files(files, epoch, cfg.seed), cfg.batch_size, lo, hi)
         # resuming: the batches before `position` were consumed before the checkpoint
         pending = itertools.islice(enumerate(batches), position, steps_per_epoch)
         feed = Prefetcher(pending, collate, cfg.prefetch_batches, pin=device.type == "cuda")
-        for i, cpu_tensors, rng_state in feed:
+        for i, cpu_tensors, rng_state, batch_stats in feed:
             tokens_window += int(cpu_tensors["attention_mask"].sum())   # on the host: no device sync
             samples_window += cpu_tensors["input_ids"].shape[0]
             tensors = {k: v.to(device, non_blocking=True) for k, v in cpu_tensors.items()}
@@ -397,7 +429,7 @@ def train_loop_per_worker(config: dict) -> None:
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
             micro += 1
             position = i + 1
-            collate_state = rng_state
+            collate_state, consumed_stats = rng_state, batch_stats
             if not sync:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.max_grad_norm)
