@@ -22,16 +22,16 @@ import yaml
 
 from keplm.platform.config import dump_config, flatten
 from keplm.platform.errors import KeplmError
+from keplm.tuning.space import ABLATION_GRIDS, merge, nest
+from keplm.tuning.trainable import pretrain_trial, trial_overrides
+
+log = logging.getLogger(__name__)
 
 
 class SweepInterrupted(KeplmError):
     """Tune was stopped (SIGINT / SIGUSR1) before every trial ended; its state is saved for a resume."""
 
     exit_code = 130  # the shell's code for "ended by SIGINT"
-from keplm.tuning.space import ABLATION_GRIDS, merge, nest
-from keplm.tuning.trainable import pretrain_trial, trial_overrides
-
-log = logging.getLogger(__name__)
 
 
 def kinds_in(cfg, space_points: list[dict[str, Any]]) -> set[str]:
