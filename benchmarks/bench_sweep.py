@@ -131,15 +131,11 @@ def main() -> None:
            "best_fifo_val_mlm_loss": t_full[best_key][1],
            "best_fifo_survived_asha_per_order": survived, "best_asha_val_mlm_loss_per_order": best_asha}
     if args.sha_orders:
-        from keplm.tuning.halving import rung_milestones
+        from keplm.tuning.halving import planned_steps, rung_milestones
 
         sc = demo["sweep"]
         rungs = rung_milestones(sc["grace_period"] * demo["train"]["checkpoint_every"], sc["reduction_factor"], args.steps)
-        n, ideal = args.trials, 0
-        for i, m in enumerate(rungs):
-            ideal += n * (m - (rungs[i - 1] if i else 0))
-            n = max(1, n // sc["reduction_factor"])
-        ideal += n * (args.steps - rungs[-1])
+        ideal = planned_steps(args.trials, rungs, sc["reduction_factor"], args.steps)
         out.update({"sha_rungs": rungs, "sha_ideal_trial_steps": ideal, "sha_trial_steps_per_order": sha_steps,
                     "sha_saving_per_order": [round(1 - x / full["trial_steps"], 3) for x in sha_steps],
                     "sha_saving": round(1 - statistics.mean(sha_steps) / full["trial_steps"], 3),

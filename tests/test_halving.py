@@ -6,7 +6,7 @@ import random
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from keplm.tuning.halving import SynchronousHalving, rung_milestones, survivors
+from keplm.tuning.halving import SynchronousHalving, planned_steps, rung_milestones, survivors
 
 
 def test_rungs_are_grace_times_powers_of_rf_below_max_t():
@@ -14,6 +14,12 @@ def test_rungs_are_grace_times_powers_of_rf_below_max_t():
     assert rung_milestones(1, 2, 8) == [1, 2, 4]
     assert rung_milestones(3, 3, 27) == [3, 9]          # a rung at max_t would decide nothing
     assert rung_milestones(5, 3, 5) == []
+
+
+def test_planned_steps_charge_each_rung_population_up_to_it():
+    assert planned_steps(16, [3, 9], 3, 24) == 16 * 3 + 5 * (9 - 3) + 1 * (24 - 9)
+    assert planned_steps(4, [1, 3, 9], 3, 27) == 4 * 1 + 1 * 2 + 1 * 6 + 1 * 18   # n // rf floors at one trial
+    assert planned_steps(5, [], 3, 12) == 5 * 12                                 # no rung: FIFO
 
 
 def test_survivors_keep_the_best_n_over_rf():
@@ -118,7 +124,7 @@ def test_the_cut_and_the_steps_do_not_depend_on_arrival_order():
     at3 = sorted(range(n), key=lambda i: curve(i, 3))[:5]
     winner = min(at3, key=lambda i: curve(i, 9))
     assert done0 == {winner}
-    assert sum(steps0.values()) == 16 * 3 + 5 * 6 + 1 * 15 == 93
+    assert sum(steps0.values()) == 16 * 3 + 5 * 6 + 1 * 15 == planned_steps(n, [3, 9], rf, max_t) == 93
     assert {i for i in range(n) if steps0[i] == 9} == set(at3) - {winner}
     for steps, done, peak in results:
         assert steps == steps0 and done == done0

@@ -38,6 +38,16 @@ def rung_milestones(grace: int, reduction_factor: int, max_t: int) -> list[int]:
     return out
 
 
+def planned_steps(num_samples: int, milestones: list[int], reduction_factor: int, max_t: int) -> int:
+    """The optimizer steps a synchronous-halving sweep runs: every rung's population trains up to it, and
+    the max(1, n // rf) it keeps go on to the next rung (the last ones to ``max_t``)."""
+    n, steps, prev = num_samples, 0, 0
+    for m in milestones:
+        steps += n * (m - prev)
+        n, prev = max(1, n // reduction_factor), m
+    return steps + n * (max_t - prev)
+
+
 def survivors(values: dict[Any, float], reduction_factor: int, mode: str) -> set:
     """The best max(1, n // rf) keys of ``values``; NaN ranks last; ties go to the earlier key."""
     keep = max(1, len(values) // reduction_factor)
