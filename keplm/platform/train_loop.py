@@ -364,30 +364,24 @@ def train_loop_per_worker(config: dict) -> None:
 
     def save(final: bool) -> None:
         metrics = dict(last)
+        at_checkpoint: dict[str, float] = {}   # logged to MLflow at this step, beside the per-step metrics
         if val_files:
-            metrics["val_mlm_loss"] = validate()
-            if tracker is not None:
-                from mlflow.entities import Metric
-
-                tracker.log_batch(config["run_id"], metrics=[Metric("val_mlm_loss", metrics["val_mlm_loss"],
-                                                                    int(time.time() * 1000), step)])
+            at_checkpoint["val_mlm_loss"] = validate()
         # every rank's RNG states, so that each rank resumes its own masking/sampling/dropout stream
         torch_rngs = gather(torch.get_rng_state())
         collate_rngs = gather(collate_state)
         stats = gather(consumed_stats)
-        if consumed_stats is not None:
-            # what the collators cut, dropped or padded in the batches trained on so far, all ranks summed
-            # (counted, never silent): e.g. data.tokens_cut_by_length, data.mentions_truncated
-            totals: dict[str, int] = {}
-            for rank_stats in stats:
-                for k, v in (rank_stats or {}).items():
-                    totals[f"data.{k}"] = totals.get(f"data.{k}", 0) + v
-            metrics.update(totals)
-            if tracker is not None:
-                from mlflow.entities import Metric
+        # what the collators cut, dropped or padded in the batches trained on so far, all ranks summed
+        # (counted, never silent): e.g. data.tokens_cut_by_length, data.mentions_truncated
+        for rank_stats in stats:
+            for k, v in (rank_stats or {}).items():
+                at_checkpoint[f"data.{k}"] = at_checkpoint.get(f"data.{k}", 0) + v
+        metrics.update(at_checkpoint)
+        if tracker is not None and at_checkpoint:
+            from mlflow.entities import Metric
 
-                ts = int(time.time() * 1000)
-                tracker.log_batch(config["run_id"], metrics=[Metric(k, float(v), ts, step) for k, v in totals.items()])
+            ts = int(time.time() * 1000)
+            tracker.log_batch(config["run_id"], metrics=[Metric(k, float(v), ts, step) for k, v in at_checkpoint.items()])
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
