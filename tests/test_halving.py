@@ -40,10 +40,12 @@ class FakeTrial:
 
 class FakeController:
     """The part of TuneController a scheduler calls: get_trials, and stop_trial, which (like Tune's)
-    tells the scheduler through on_trial_remove when the trial was PAUSED/PENDING."""
+    tells the scheduler through on_trial_remove when the trial was PAUSED/PENDING and, having no actor
+    to stop then, does not mark it for the experiment state (``saved_stale``) until
+    ``_mark_trial_to_checkpoint``."""
 
     def __init__(self, scheduler):
-        self.trials, self.scheduler = [], scheduler
+        self.trials, self.scheduler, self.saved_stale = [], scheduler, set()
 
     def get_trials(self):
         return self.trials
@@ -51,7 +53,11 @@ class FakeController:
     def stop_trial(self, trial):
         if trial.status in (Trial.PAUSED, Trial.PENDING):
             self.scheduler.on_trial_remove(self, trial)
+            self.saved_stale.add(trial)
         trial.status = Trial.TERMINATED
+
+    def _mark_trial_to_checkpoint(self, trial):
+        self.saved_stale.discard(trial)
 
 
 class Limiter:
@@ -108,6 +114,7 @@ def simulate(order: list[int], *, n: int, max_t: int, every: int, grace: int, rf
     else:
         raise AssertionError("the simulated sweep did not end")
     assert all(t.status in (Trial.TERMINATED, Trial.ERROR) for t in ctl.trials), "a trial was left paused"
+    assert not ctl.saved_stale, "a trial stopped while paused would stay PAUSED in Tune's saved state"
     return step, {i for i in order if step[i] >= max_t}, peak
 
 

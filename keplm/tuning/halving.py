@@ -157,6 +157,12 @@ class SynchronousHalving(TrialScheduler):
                 action = TrialScheduler.STOP
             elif t.status in (Trial.PAUSED, Trial.PENDING) or t.is_saving:
                 tune_controller.stop_trial(t)
+                # Tune rewrites a trial's saved state only when it stopped the trial's actor; one stopped
+                # while PAUSED would stay PAUSED in the experiment state, so Tuner.restore would resume it
+                # and the sweep's end would count it unfinished
+                mark = getattr(tune_controller, "_mark_trial_to_checkpoint", None)
+                if mark is not None:
+                    mark(t)
         self._sync_limit()
         return action
 
