@@ -128,13 +128,15 @@ def test_block_size_fits_the_cache_budget(ray_local, tmp_path):
     assert block_seeds(PEPRConfig(block_mib=1), 1000) == 21
     assert block_seeds(PEPRConfig(block_mib=1, dtype="float32", tol=1e-5), 1000) == 43
     assert block_seeds(PEPRConfig(block_mib=1, batch_size=10), 1000) == 10       # batch_size still caps it
-    assert block_seeds(PEPRConfig(block_mib=1), 10**7) == 1                      # never below one seed
+    assert block_seeds(PEPRConfig(block_mib=1), 10**7) == 16                     # never below block_min_seeds
+    assert block_seeds(PEPRConfig(block_mib=1, block_min_seeds=1), 10**7) == 1   # nor below one seed
+    assert block_seeds(PEPRConfig(block_mib=1, batch_size=8), 10**7) == 8
     # a budget that cuts the demo's blocks changes the blocking, not the neighbours
     build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
     g = load_graph(tmp_path / "g")
     base = dict(num_actors=2, batch_size=64, k_max=10, tol=1e-9, actor_num_cpus=0.5)
     wide, wc = compute_neighbours(g, PEPRConfig(**base))
-    cut = PEPRConfig(**base, block_mib=6 * g.num_entities * 8 * 5 / 2**20)       # room for exactly 5 seeds
+    cut = PEPRConfig(**base, block_mib=6 * g.num_entities * 8 * 5 / 2**20, block_min_seeds=1)  # room for 5 seeds
     narrow, nc = compute_neighbours(g, cut)
     assert wc["block_seeds"] == 64 and nc["block_seeds"] == 5
     assert nc["blocks"] == -(-nc["solves"] // 5) > wc["blocks"]
@@ -220,3 +222,59 @@ def test_demo_chain_on_the_command_line(ray_local, tmp_path, demo_prepared):
     assert counts["seeds"] == built["entities_linked_in_corpus"]  # seeds=auto: the linked entities
     nb = pq.read_table(tmp_path / "nb" / "neighbours.parquet")
     assert nb.num_rows == counts["rows"] and max(nb.column("rank").to_pylist()) < 30
+
+
+def hubs_and_leaves(seed, hubs=3, leaves=400, extra=60):
+    """Hubs joined to each other and to many degree-1 leaves, plus a few random edges between leaves."""
+    rng = np.random.default_rng(seed)
+    n = hubs + leaves
+    h = [i for i in range(hubs) for j in range(i + 1, hubs)]
+    t = [j for i in range(hubs) for j in range(i + 1, hubs)]
+    h += (np.arange(hubs, n) % hubs).tolist()
+    t += list(range(hubs, n))
+    x, y = rng.integers(hubs, n, extra), rng.integers(hubs, n, extra)
+    keep = x != y
+    h, t = np.r_[h, x[keep]], np.r_[t, y[keep]]
+    return n, h, rng.integers(0, 3, len(h)), t
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-4])
+def test_cover_scores_meet_the_tolerance_where_the_transpose_amplifies_errors(ray_local, tol):
+    """A hub in the cover serves each leaf's score at the hub as d_hub / d_leaf · (R e_hub)[leaf]: its solve
+    must bound that read, not just the hub's own values. Every score is within pepr.tol of the exact one."""
+    from types import SimpleNamespace
+
+    n, h, r, t = hubs_and_leaves(4)
+    a, rel, inv, deg = adjacency_from_triples(n, h, r, t)
+    assert deg[:3].min() > 100 and (deg == 1).sum() > 200
+    g = SimpleNamespace(adjacency=a, edge_relation=rel, edge_inverse=inv, degree=deg, freq=None, num_entities=n)
+    seeds = np.arange(n)
+    got, counts = compute_neighbours(g, PEPRConfig(num_actors=2, batch_size=32, k_max=int(deg.max()), tol=tol,
+                                                   actor_num_cpus=0.5), seeds=seeds)
+    assert counts["solves"] < n / 2            # the hubs and a few leaves cover every edge
+    exact = PEPRSolver(a, deg, PEPRConfig(tol=1e-13)).scores(seeds)
+    got = got.to_pandas()
+    err = np.abs(got["score"].to_numpy() - exact[got["neighbour"].to_numpy(), got["entity"].to_numpy()])
+    assert len(got) == a.nnz and err.max() <= tol
+
+
+def test_cover_read_scales_bound_what_each_solve_serves():
+    """Star 0 - {1..5} and 4 - 5, all seeds: the cover is {0, 4}. Solve v serves seed v at each neighbour t
+    (weight 1) and a seed t outside the cover at v through the transpose (weight d_v / d_t); its scale is
+    the largest sqrt(d_t) · weight."""
+    from keplm.kg.pepr import cover_read_scales, greedy_cover, reverse_positions
+
+    h, t = np.array([0, 0, 0, 0, 0, 4]), np.array([1, 2, 3, 4, 5, 5])
+    a, _, _, deg = adjacency_from_triples(6, h, t * 0, t)
+    rows = np.repeat(np.arange(6), np.diff(a.indptr))
+    rev = reverse_positions(a)
+    needed = np.ones(a.nnz, bool)
+    cover = greedy_cover(a, deg, needed, rev)
+    assert np.flatnonzero(cover).tolist() == [0, 4]
+    # 0: leaves 1-3 read through it at weight d_0/d_t = 5 with sqrt(1); 5 at 5/2 with sqrt(2); its own 1 with sqrt(2)
+    # 4: its own values at 0 (sqrt 5) and 5 (sqrt 2); seed 5 through it at d_4/d_5 = 1
+    np.testing.assert_allclose(cover_read_scales(a, deg, needed, rev, cover), [5, 0, 0, 0, np.sqrt(5), 0])
+    needed = rows == 1                     # seed 1 alone: it is its own cover and reads its value at 0
+    cover = greedy_cover(a, deg, needed, rev)
+    assert np.flatnonzero(cover).tolist() == [1]
+    np.testing.assert_allclose(cover_read_scales(a, deg, needed, rev, cover), [0, np.sqrt(5), 0, 0, 0, 0])

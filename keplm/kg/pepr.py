@@ -27,8 +27,12 @@ the max-abs error of every score is below ``pepr.tol``:
   ``m`` (A is stochastic on its component), ``Σ g`` likewise, so the normaliser is exact and each seed
   needs only ``y = R e_m``. On an undirected graph ``I - (1-α)A = D^{1/2}(I - (1-α)S)D^{-1/2}`` with
   ``S = D^{-1/2} W D^{-1/2}`` symmetric, so ``y`` comes from conjugate gradients on an SPD system whose
-  eigenvalues lie in ``[α, 2-α]``. Bound: ``|y_t - y*_t| <= sqrt(d_max) · ||r||_2 / α`` and a score
-  moves by at most ``α`` times that.
+  eigenvalues lie in ``[α, 2-α]``. Bound: ``|y_t - y*_t| = sqrt(d_t) · |e_t| <= sqrt(d_t) · ||r||_2 / α``
+  (``e`` the error of the symmetrised unknown, ``||e||_2 <= ||r||_2 / λ_min``), and a score moves by at most
+  ``α`` times that (its normaliser is at least ``c1/α``), so ``y`` is solved to ``pepr.tol / α`` (less the
+  tiny share left to ``g``'s error: ``y_tolerance``). Where every
+  score is returned, ``d_t`` is bounded by ``d_max``; the cover solve below reads only the entries on the
+  solved entity's edges, and bounds each by its own ``d_t``.
 
 Neighbour candidates of ``m`` are the entities sharing a triple with it (either direction); they are
 ranked by PEPR score (ties to 12 decimals: lower id first) and the top ``pepr.k_max`` kept, so any ``K <= k_max`` is a
@@ -77,6 +81,9 @@ class PEPRConfig(Section):
     batch_size: int = Field(256, ge=1, description="at most this many seeds solved together (columns of one dense block)")
     block_mib: float = Field(16, gt=0, description="the dense block's working set per actor is cut to fit this (actors "
                                                    "sharing a last-level cache must not evict each other's vectors)")
+    block_min_seeds: int = Field(16, ge=1, description="the cache budget never cuts a block below this many seeds (on a "
+                                                       "graph too big for the cache, fewer columns only re-read the "
+                                                       "matrix more often)")
     num_actors: int = Field(2, ge=1)
     actor_num_cpus: float = Field(1.0, gt=0)
     method: Literal["cg", "power"] = "cg"
@@ -102,13 +109,25 @@ _BLOCK_ARRAYS = 6
 def block_seeds(cfg: PEPRConfig, n: int) -> int:
     """Seeds per block: pepr.batch_size, cut so the block's dense arrays fit pepr.block_mib. Measured on the
     real KG (24.9 K entities, 2 actors on 2 cores sharing a 32 MiB L3): 16-32 seeds gave 1.74-1.85x from 1 to
-    2 actors, 64 gave 1.58x, 128 1.59x; a block that spills the shared cache slows both actors down."""
+    2 actors, 64 gave 1.58x, 128 1.59x; a block that spills the shared cache slows both actors down. Never
+    below pepr.block_min_seeds: on the 275 K-entity synthetic graph (float32) a cover solve took 164 ms in
+    blocks of 2 seeds (the budget's cut), 56 ms in blocks of 16, 76 ms in blocks of 64."""
     per_seed = _BLOCK_ARRAYS * n * (4 if cfg.dtype == "float32" else 8)
-    return max(1, min(cfg.batch_size, int(cfg.block_mib * 2**20 // per_seed)))
+    fit = max(int(cfg.block_mib * 2**20 // per_seed), cfg.block_min_seeds, 1)
+    return min(cfg.batch_size, fit)
 
 
 class PEPRNoConvergence(KeplmError):
     pass
+
+
+G_TOL_FACTOR = 1e-3   # g = R·1 is solved to pepr.tol times this
+
+
+def y_tolerance(tol: float, alpha: float, n: int) -> float:
+    """What each R[t, m] must meet for its score to be within tol. A score is (c1·R[t, m] + c2·g_t) / N with
+    N >= c1/α, c1 = 1 - 1/n, c2 = 1/n, so its error is at most α·err(R[t, m]) + α·(c2/c1)·err(g_t)."""
+    return tol / alpha - G_TOL_FACTOR * tol / max(n - 1, 1)
 
 
 # ------------------------------------------------------------------------------------ the math
@@ -167,37 +186,56 @@ class CGSolver:
         self.isolated = degree == 0
         rows = np.repeat(np.arange(self.n), np.diff(a.indptr))
         s_data = (1.0 / np.sqrt(d[rows] * d[a.indices])).astype(dtype)
-        self.s = sp.csr_matrix((s_data, a.indices, a.indptr), shape=a.shape)
-        self.err_scale = float(np.sqrt(d.max()))
+        # entities renumbered by decreasing degree: the rows of the dense block that most products gather
+        # (the hubs') sit together and stay cached (10 % faster sparse x dense products on power-law graphs)
+        self.order = np.argsort(-degree, kind="stable")
+        self.position = np.empty(self.n, np.int64)
+        self.position[self.order] = np.arange(self.n)
+        s = sp.csr_matrix((s_data, a.indices, a.indptr), shape=a.shape)[self.order][:, self.order]
+        s.sort_indices()
+        self.s = s.tocsr()
+        self.sqrt_d_max = float(np.sqrt(d.max()))
         self.dtype = dtype
 
-    def solve(self, rhs: np.ndarray, tol, max_iter: int) -> tuple[np.ndarray, int]:
-        """rhs (Z x B) -> (y with max|y - y*| <= tol per entry, iterations); tol a scalar or one per column."""
+    def solve(self, rhs: np.ndarray, tol, max_iter: int, read_scale=None) -> tuple[np.ndarray, int]:
+        """rhs (Z x B) -> (y with |y_t - y*_t| <= tol for every entry t, iterations); tol a scalar or one per column.
+
+        ``read_scale`` (one per column; default ``sqrt(d_max)``): the largest ``sqrt(d_t) · w_t`` over the entries
+        ``t`` the caller reads, where ``w_t >= 1`` is how much the caller's use of ``y_t`` amplifies its error.
+        A column stops when ``read_scale · ||r||_2 / α <= tol``, which bounds each read ``w_t · |y_t - y*_t|``."""
         tol = np.broadcast_to(np.asarray(tol, np.float64), (rhs.shape[1],))
-        b = (rhs / self.sqrt_d[:, None]).astype(self.dtype)
+        scale = np.broadcast_to(np.asarray(self.sqrt_d_max if read_scale is None else read_scale, np.float64),
+                                (rhs.shape[1],))
+        b = (rhs / self.sqrt_d[:, None]).astype(self.dtype)[self.order]
         x = np.zeros_like(b)
         r = b.copy()
         p = r.copy()
         rs = np.einsum("ij,ij->j", r, r)
         active = np.arange(b.shape[1])
         out = np.zeros_like(b)
-        bound = self.err_scale / self.alpha
+        bound = scale / self.alpha
+        tmp = np.empty_like(b)
+        # in place where numpy allows: on a big graph each n x B temporary is fresh memory to page in
         for it in range(1, max_iter + 1):
-            mp = p - self.beta * (self.s @ p)
+            mp = self.s @ p
+            mp *= -self.beta
+            mp += p
             step = rs / np.einsum("ij,ij->j", p, mp)
-            x += step * p
-            r -= step * mp
+            x += np.multiply(p, step, out=tmp)
+            r -= np.multiply(mp, step, out=tmp)
             rs_new = np.einsum("ij,ij->j", r, r)
-            done = bound * np.sqrt(rs_new) <= tol[active]
+            done = bound[active] * np.sqrt(rs_new) <= tol[active]
             if done.any():
                 out[:, active[done]] = x[:, done]
                 keep = ~done
                 active, x, r, p, rs, rs_new = active[keep], x[:, keep], r[:, keep], p[:, keep], rs[keep], rs_new[keep]
+                tmp = np.empty_like(x)
                 if len(active) == 0:
-                    return out * self.sqrt_d[:, None], it
-            p = r + (rs_new / rs) * p
+                    return out[self.position] * self.sqrt_d[:, None], it
+            p *= rs_new / rs
+            p += r
             rs = rs_new
-        raise PEPRNoConvergence(f"PEPR (cg) did not reach tol={tol} in {max_iter} iterations; "
+        raise PEPRNoConvergence(f"PEPR (cg) did not reach tol={float(tol.min()):g} in {max_iter} iterations; "
                                 f"raise pepr.max_iter or pepr.tol")
 
 
@@ -213,7 +251,7 @@ class PEPRSolver:
         if cfg.method == "cg":
             self.cg = CGSolver(a, degree, cfg.alpha, self.dtype)
             # g = R·1 feeds every seed's score: solve it 1000x tighter than the scores need
-            self.g = g if g is not None else self.cg.solve(np.ones((self.n, 1)), cfg.tol * 1e-3, cfg.max_iter)[0][:, 0]
+            self.g = g if g is not None else self.cg.solve(np.ones((self.n, 1)), cfg.tol * G_TOL_FACTOR, cfg.max_iter)[0][:, 0]
             connected = ~self.cg.isolated
             self.g_sum = connected.sum() / cfg.alpha + (~connected).sum()
         self.iterations: list[int] = []
@@ -228,8 +266,7 @@ class PEPRSolver:
         n, alpha = self.n, self.cfg.alpha
         rhs = np.zeros((n, len(seeds)), self.dtype)
         rhs[seeds, np.arange(len(seeds))] = 1.0
-        # a score moves by c1·err(y)/normaliser <= α·err(y) <= err(y): y's bound of tol is enough
-        y, it = self.cg.solve(rhs, self.cfg.tol, self.cfg.max_iter)
+        y, it = self.cg.solve(rhs, y_tolerance(self.cfg.tol, alpha, n), self.cfg.max_iter)
         self.iterations.append(it)
         iso = self.cg.isolated[seeds]
         y[:, iso] = 0.0
@@ -244,8 +281,9 @@ class PEPRSolver:
 # PEPR of seed m at neighbour t needs R[t, m] = (R e_m)[t]. On the undirected graph R^T = D^{-1} R D, so
 # R[t, m] = (d_t / d_m) · R[m, t] = (d_t / d_m) · (R e_t)[m]: the solve for t gives every value the edge
 # (m, t) needs. So only a vertex cover of the seeds' edges is solved: on the real KG every edge touches a
-# disease, so 8.8 K solves replace 24.9 K. A value read through the transpose is scaled by d_t / d_m, so
-# the solve for t is run to tol · min(1, d_m / d_t) over the m that read through it.
+# disease, so 8.8 K solves replace 24.9 K. The solve for v reads y = R e_v only at v's neighbours t: at t
+# itself when v is a seed, and scaled by d_v / d_t when t is a seed outside the cover; it stops once the
+# bound of every such read (CGSolver.solve's read_scale) is within tol / α.
 
 
 def reverse_positions(a: sp.csr_matrix) -> np.ndarray:
@@ -281,17 +319,22 @@ def greedy_cover(a: sp.csr_matrix, degree: np.ndarray, needed: np.ndarray, rev: 
     return in_cover if in_cover.sum() < seeds.sum() else seeds
 
 
-def cover_tolerances(a: sp.csr_matrix, degree: np.ndarray, needed: np.ndarray, rev: np.ndarray,
-                     in_cover: np.ndarray, tol: float) -> np.ndarray:
-    """Per entity: the tolerance its solve needs (tol, tightened for values read through the transpose)."""
+def cover_read_scales(a: sp.csr_matrix, degree: np.ndarray, needed: np.ndarray, rev: np.ndarray,
+                      in_cover: np.ndarray) -> np.ndarray:
+    """Per entity: CGSolver.solve's read_scale for its solve, max over the entries t it serves of
+    sqrt(d_t) · w_t, with w_t = 1 for its own seed's value and d_v / d_t for a value read through the
+    transpose (0 when it serves none)."""
     n = a.shape[0]
     rows = np.repeat(np.arange(n), np.diff(a.indptr))
-    # entry p = (v, t) of a solved v serves seed t through the transpose when (t, v) is needed and t is not solved
-    via = needed[rev] & in_cover[rows] & ~in_cover[a.indices]
-    ratio = np.ones(n)
     d = np.maximum(degree, 1).astype(np.float64)
-    np.minimum.at(ratio, rows[via], d[a.indices[via]] / d[rows[via]])
-    return tol * ratio
+    t = a.indices
+    own = needed & in_cover[rows]
+    # entry p = (v, t) of a solved v serves seed t through the transpose when (t, v) is needed and t is not solved
+    via = needed[rev] & in_cover[rows] & ~in_cover[t]
+    w = np.maximum(np.where(own, 1.0, 0.0), np.where(via, d[rows] / d[t], 0.0))
+    scale = np.zeros(n)
+    np.maximum.at(scale, rows, np.sqrt(d[t]) * w)
+    return scale
 
 
 def edge_values(a: sp.csr_matrix, degree: np.ndarray, needed: np.ndarray, rev: np.ndarray, in_cover: np.ndarray,
@@ -361,12 +404,13 @@ class PEPRWorker:
     def set_cover(self, needed, rev, in_cover) -> None:
         self.needed, self.rev, self.in_cover = needed, rev, in_cover
 
-    def run_cover(self, solved: np.ndarray, tols: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, float]:
+    def run_cover(self, solved: np.ndarray, read_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, float]:
         """Solve R e_v for a block of cover entities; -> the needed entries they serve and R[t, m] there."""
         t0 = time.perf_counter()
         rhs = np.zeros((self.solver.n, len(solved)), self.solver.dtype)
         rhs[solved, np.arange(len(solved))] = 1.0
-        y, it = self.solver.cg.solve(rhs, tols, self.cfg.max_iter)
+        tol = y_tolerance(self.cfg.tol, self.cfg.alpha, self.solver.n)
+        y, it = self.solver.cg.solve(rhs, tol, self.cfg.max_iter, read_scale)
         pos, val = edge_values(self.a, self.solver.degree, self.needed, self.rev, self.in_cover, solved, y)
         return pos, val, it, time.perf_counter() - t0
 
@@ -443,15 +487,15 @@ def _cover_neighbours(graph: Graph, cfg: PEPRConfig, seeds: np.ndarray, g: np.nd
     needed = is_seed[rows]
     rev = reverse_positions(a)
     in_cover = greedy_cover(a, degree, needed, rev)
-    tols = cover_tolerances(a, degree, needed, rev, in_cover, cfg.tol)
+    scales = cover_read_scales(a, degree, needed, rev, in_cover)
     cover = np.flatnonzero(in_cover)
     # tight solves together: a block runs until its slowest column converges
-    cover = cover[np.argsort(tols[cover], kind="stable")]
+    cover = cover[np.argsort(-scales[cover], kind="stable")]
     refs = [ray.put(x) for x in (needed, rev, in_cover)]
     ray.get([actor.set_cover.remote(*refs) for actor in actors])
     value = np.full(a.nnz, np.nan)
     blocks = [cover[i:i + bs] for i in range(0, len(cover), bs)]
-    for pos, val, iters, secs in pool.map_unordered(lambda actor, blk: actor.run_cover.remote(blk, tols[blk]), blocks):
+    for pos, val, iters, secs in pool.map_unordered(lambda actor, blk: actor.run_cover.remote(blk, scales[blk]), blocks):
         value[pos] = val
         counts["blocks"] += 1
         counts["iterations_max"] = max(counts["iterations_max"], iters)
