@@ -152,10 +152,8 @@ def main() -> None:
     cover_iters = []
     t = time.perf_counter()
     for blk in blocks:
-        rhs = np.zeros((sa.shape[0], len(blk)), ssolver.dtype)
-        rhs[blk, np.arange(len(blk))] = 1.0
-        cover_iters.append(ssolver.cg.solve(rhs, y_tolerance(cfg.tol, alpha, sa.shape[0]), cfg.max_iter,
-                                            scales[blk])[1])
+        cover_iters.append(ssolver.cg.solve_units(blk, y_tolerance(cfg.tol, alpha, sa.shape[0]), cfg.max_iter,
+                                                  scales[blk])[1])
     t_cov = (time.perf_counter() - t) / len(sample)
     syn_peak = rss_mb() - before
 

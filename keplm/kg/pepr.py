@@ -79,7 +79,7 @@ class PEPRConfig(Section):
     tol: float = Field(1e-7, gt=0, description="bound on the max-abs error of every score")
     max_iter: int = Field(1000, ge=1)
     batch_size: int = Field(256, ge=1, description="at most this many seeds solved together (columns of one dense block)")
-    block_mib: float = Field(16, gt=0, description="the dense block's working set per actor is cut to fit this (actors "
+    block_mib: float = Field(8, gt=0, description="the dense block's working set per actor is cut to fit this (actors "
                                                    "sharing a last-level cache must not evict each other's vectors)")
     block_min_seeds: int = Field(16, ge=1, description="the cache budget never cuts a block below this many seeds (on a "
                                                        "graph too big for the cache, fewer columns only re-read the "
@@ -102,14 +102,15 @@ class PEPRConfig(Section):
         return self
 
 
-# dense n x B arrays one block keeps live: CG's b, x, r, p, A·p and its output (the power iteration: fewer)
+# dense n x B arrays one block keeps live: CG's x, r, p, A·p, a temporary and its output (the power iteration: fewer)
 _BLOCK_ARRAYS = 6
 
 
 def block_seeds(cfg: PEPRConfig, n: int) -> int:
     """Seeds per block: pepr.batch_size, cut so the block's dense arrays fit pepr.block_mib. Measured on the
     real KG (24.9 K entities, 2 actors on 2 cores sharing a 32 MiB L3): 16-32 seeds gave 1.74-1.85x from 1 to
-    2 actors, 64 gave 1.58x, 128 1.59x; a block that spills the shared cache slows both actors down. Never
+    2 actors, 64 gave 1.58x, 128 1.59x; a block that spills the shared cache slows both actors down. With
+    in-place CG updates, float32 blocks of 28 (16 MiB) gave 1.68x twice, of 16 (8 MiB) 1.74-1.81x. Never
     below pepr.block_min_seeds: on the 275 K-entity synthetic graph (float32) a cover solve took 164 ms in
     blocks of 2 seeds (the budget's cut), 56 ms in blocks of 16, 76 ms in blocks of 64."""
     per_seed = _BLOCK_ARRAYS * n * (4 if cfg.dtype == "float32" else 8)
@@ -203,12 +204,22 @@ class CGSolver:
         ``read_scale`` (one per column; default ``sqrt(d_max)``): the largest ``sqrt(d_t) · w_t`` over the entries
         ``t`` the caller reads, where ``w_t >= 1`` is how much the caller's use of ``y_t`` amplifies its error.
         A column stops when ``read_scale · ||r||_2 / α <= tol``, which bounds each read ``w_t · |y_t - y*_t|``."""
-        tol = np.broadcast_to(np.asarray(tol, np.float64), (rhs.shape[1],))
+        return self._cg((rhs / self.sqrt_d[:, None]).astype(self.dtype)[self.order], tol, max_iter, read_scale)
+
+    def solve_units(self, seeds: np.ndarray, tol, max_iter: int, read_scale=None) -> tuple[np.ndarray, int]:
+        """solve() for the unit columns e_seed, without a dense right-hand side beside the block."""
+        seeds = np.asarray(seeds, np.int64)
+        b = np.zeros((self.n, len(seeds)), self.dtype)
+        b[self.position[seeds], np.arange(len(seeds))] = 1.0 / self.sqrt_d[seeds]
+        return self._cg(b, tol, max_iter, read_scale)
+
+    def _cg(self, b: np.ndarray, tol, max_iter: int, read_scale) -> tuple[np.ndarray, int]:
+        """CG on the renumbered symmetric system from x = 0; b (renumbered) becomes the residual."""
+        tol = np.broadcast_to(np.asarray(tol, np.float64), (b.shape[1],))
         scale = np.broadcast_to(np.asarray(self.sqrt_d_max if read_scale is None else read_scale, np.float64),
-                                (rhs.shape[1],))
-        b = (rhs / self.sqrt_d[:, None]).astype(self.dtype)[self.order]
+                                (b.shape[1],))
         x = np.zeros_like(b)
-        r = b.copy()
+        r = b
         p = r.copy()
         rs = np.einsum("ij,ij->j", r, r)
         active = np.arange(b.shape[1])
@@ -264,9 +275,7 @@ class PEPRSolver:
             self.iterations.append(it)
             return v
         n, alpha = self.n, self.cfg.alpha
-        rhs = np.zeros((n, len(seeds)), self.dtype)
-        rhs[seeds, np.arange(len(seeds))] = 1.0
-        y, it = self.cg.solve(rhs, y_tolerance(self.cfg.tol, alpha, n), self.cfg.max_iter)
+        y, it = self.cg.solve_units(seeds, y_tolerance(self.cfg.tol, alpha, n), self.cfg.max_iter)
         self.iterations.append(it)
         iso = self.cg.isolated[seeds]
         y[:, iso] = 0.0
@@ -407,10 +416,8 @@ class PEPRWorker:
     def run_cover(self, solved: np.ndarray, read_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, float]:
         """Solve R e_v for a block of cover entities; -> the needed entries they serve and R[t, m] there."""
         t0 = time.perf_counter()
-        rhs = np.zeros((self.solver.n, len(solved)), self.solver.dtype)
-        rhs[solved, np.arange(len(solved))] = 1.0
         tol = y_tolerance(self.cfg.tol, self.cfg.alpha, self.solver.n)
-        y, it = self.solver.cg.solve(rhs, tol, self.cfg.max_iter, read_scale)
+        y, it = self.solver.cg.solve_units(solved, tol, self.cfg.max_iter, read_scale)
         pos, val = edge_values(self.a, self.solver.degree, self.needed, self.rev, self.in_cover, solved, y)
         return pos, val, it, time.perf_counter() - t0
 
