@@ -202,3 +202,14 @@ def test_after_a_restore_ended_trials_count_toward_the_population():
     # the last of the three live trials completes the rung: 3 // 2 = 1 goes on (d, the lowest); b, c stop
     assert sched.on_trial_result(ctl, d, {"step": 6, "loss": 1.5}) == TrialScheduler.CONTINUE
     assert trials[1].status == Trial.TERMINATED and trials[2].status == Trial.TERMINATED
+
+
+def test_tunes_controller_still_has_the_hook_that_saves_a_stopped_paused_trial():
+    """SynchronousHalving calls TuneController's private hook after stopping a PAUSED trial (see
+    FakeController); a Ray upgrade that renames it would bring the stale PAUSED state back."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    from keplm.tuning.halving import MARK_FOR_STATE
+
+    assert callable(getattr(TuneController, MARK_FOR_STATE, None))
+    assert hasattr(FakeController, MARK_FOR_STATE)

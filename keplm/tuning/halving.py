@@ -22,11 +22,17 @@ and trials that had ended are counted as having left.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
+
+log = logging.getLogger(__name__)
+
+# TuneController's (private) hook that puts a trial's current status into the saved experiment state
+MARK_FOR_STATE = "_mark_trial_to_checkpoint"
 
 
 def rung_milestones(grace: int, reduction_factor: int, max_t: int) -> list[int]:
@@ -160,9 +166,13 @@ class SynchronousHalving(TrialScheduler):
                 # Tune rewrites a trial's saved state only when it stopped the trial's actor; one stopped
                 # while PAUSED would stay PAUSED in the experiment state, so Tuner.restore would resume it
                 # and the sweep's end would count it unfinished
-                mark = getattr(tune_controller, "_mark_trial_to_checkpoint", None)
+                mark = getattr(tune_controller, MARK_FOR_STATE, None)
                 if mark is not None:
                     mark(t)
+                else:
+                    log.warning("this Ray's TuneController has no %s: trial %s, stopped while paused, stays "
+                                "PAUSED in the saved experiment state, so the sweep will end as interrupted",
+                                MARK_FOR_STATE, t.trial_id)
         self._sync_limit()
         return action
 
