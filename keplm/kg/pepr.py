@@ -30,9 +30,9 @@ the max-abs error of every score is below ``pepr.tol``:
   eigenvalues lie in ``[α, 2-α]``. Bound: ``|y_t - y*_t| = sqrt(d_t) · |e_t| <= sqrt(d_t) · ||r||_2 / α``
   (``e`` the error of the symmetrised unknown, ``||e||_2 <= ||r||_2 / λ_min``), and a score moves by at most
   ``α`` times that (its normaliser is at least ``c1/α``), so ``y`` is solved to ``pepr.tol / α`` (less the
-  tiny share left to ``g``'s error: ``y_tolerance``). Where every
-  score is returned, ``d_t`` is bounded by ``d_max``; the cover solve below reads only the entries on the
-  solved entity's edges, and bounds each by its own ``d_t``.
+  tiny share left to ``g``'s error: ``y_tolerance``). Where every score is returned, ``d_t`` is bounded by
+  ``d_max``; the cover solve below reads only the entries on the solved entity's edges, and bounds each by
+  its own ``d_t``.
 
 Neighbour candidates of ``m`` are the entities sharing a triple with it (either direction); they are
 ranked by PEPR score (ties to 12 decimals: lower id first) and the top ``pepr.k_max`` kept, so any ``K <= k_max`` is a
@@ -192,9 +192,8 @@ class CGSolver:
         self.order = np.argsort(-degree, kind="stable")
         self.position = np.empty(self.n, np.int64)
         self.position[self.order] = np.arange(self.n)
-        s = sp.csr_matrix((s_data, a.indices, a.indptr), shape=a.shape)[self.order][:, self.order]
-        s.sort_indices()
-        self.s = s.tocsr()
+        self.s = sp.csr_matrix((s_data, a.indices, a.indptr), shape=a.shape)[self.order][:, self.order]
+        self.s.sort_indices()
         self.sqrt_d_max = float(np.sqrt(d.max()))
         self.dtype = dtype
 
@@ -202,7 +201,7 @@ class CGSolver:
         """rhs (Z x B) -> (y with |y_t - y*_t| <= tol for every entry t, iterations); tol a scalar or one per column.
 
         ``read_scale`` (one per column; default ``sqrt(d_max)``): the largest ``sqrt(d_t) · w_t`` over the entries
-        ``t`` the caller reads, where ``w_t >= 1`` is how much the caller's use of ``y_t`` amplifies its error.
+        ``t`` the caller reads, where ``w_t`` is the factor by which the caller's use of ``y_t`` scales its error.
         A column stops when ``read_scale · ||r||_2 / α <= tol``, which bounds each read ``w_t · |y_t - y*_t|``."""
         return self._cg((rhs / self.sqrt_d[:, None]).astype(self.dtype)[self.order], tol, max_iter, read_scale)
 
