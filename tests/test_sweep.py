@@ -346,7 +346,8 @@ def test_ctrl_c_leaves_an_interrupted_sweep_that_the_same_command_resumes(tmp_pa
     assert parent.info.status == "KILLED" and parent.data.tags["keplm.interrupted"] == "true"
     exp = [parent.info.experiment_id]
     cut = client.search_runs(exp, "tags.`keplm.interrupted` = 'true' and tags.`keplm.trial_id` != ''")
-    assert cut and all(r.info.status == "KILLED" and "keplm.stopped_early" not in r.data.tags for r in cut)
+    assert cut and all(r.info.status == "KILLED" and "keplm.stopped_early" not in r.data.tags for r in cut), \
+        [(r.data.tags["keplm.trial_id"], r.info.status, sorted(t for t in r.data.tags if t.startswith("keplm."))) for r in cut]
     c = keplm("compare", "--experiment", "keplm", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
               "--output", tmp_path / "cmp")
     assert last_json(c)["interrupted_runs"] == len(cut) and "cut off by an interrupted sweep" in c.stderr
@@ -361,6 +362,31 @@ def test_ctrl_c_leaves_an_interrupted_sweep_that_the_same_command_resumes(tmp_pa
     for c in children:
         assert c.info.status == "FINISHED" and not {"keplm.interrupted", "keplm.stopped_early"} & set(c.data.tags)
         assert int(c.data.metrics["step"]) == 12
+
+
+def test_a_trial_that_raises_after_tune_stopped_it_counts_as_killed_not_failed(monkeypatch):
+    """Tune stops a trial without waiting for its thread (an interrupted sweep, a scheduler's STOP); an error
+    the thread raises afterwards must not turn the cut-off trial's MLflow run FAILED."""
+    import inspect
+    import threading
+
+    from ray.train._internal import session
+    from ray.tune.trainable.function_trainable import FunctionTrainable
+
+    from keplm.tuning.trainable import stopped_by_tune
+
+    class LiveSession:
+        stop_event = threading.Event()
+
+    monkeypatch.setattr(session, "_session", LiveSession())
+    assert not stopped_by_tune()                        # a trial that raises on its own: FAILED
+    LiveSession.stop_event.set()                        # what _TrainSession.finish does when Tune stops it
+    assert stopped_by_tune()
+    monkeypatch.setattr(session, "_session", None)      # what FunctionTrainable.cleanup leaves behind
+    assert stopped_by_tune()
+    # the private pieces this reads are still what the installed Ray does on a stop
+    assert "self.stop_event.set()" in inspect.getsource(session._TrainSession.finish)
+    assert "shutdown_session()" in inspect.getsource(FunctionTrainable.cleanup)
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ checkpoint: step, losses, ``val_mlm_loss``) reaches Tune through ``TuneReportCal
 the trial between checkpoints. Under synchronous halving (``shared["rungs"]``) the Train run ends at each
 rung with a checkpoint and the trial waits for the rung's decision; a paused trial is restarted later,
 and Ray Train resumes it from that checkpoint into the same MLflow run. The trial's MLflow run is a child
-of the sweep's run and receives the per-step metrics from rank 0, the objective at the end, and FAILED
-when the trial raises.
+of the sweep's run and receives the per-step metrics from rank 0, the objective at the end, FAILED when
+the trial raises and KILLED when Tune stopped it.
 """
 
 from __future__ import annotations
@@ -103,11 +103,23 @@ def pretrain_trial(config: dict, shared: dict) -> None:
             client.log_metric(run_id, "objective", float(value), step=int(metrics.get("step", 0)))
         client.set_terminated(run_id, status="FINISHED")
     except Exception:
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status="KILLED" if stopped_by_tune() else "FAILED")
         raise
     except BaseException:   # stopped by the scheduler
         client.set_terminated(run_id, status="KILLED")
         raise
+
+
+def stopped_by_tune() -> bool:
+    """Whether Tune has told this trial to stop (a scheduler's STOP, an interrupted sweep's cleanup):
+    its session is shut down or has its stop event set. Tune stops a trial without waiting for the trial's
+    thread, so an error raised after that comes from the trial's Ray Train run being torn down with the
+    trial actor, possibly after the sweep's driver recorded the run KILLED: the trial then writes KILLED
+    too, rather than a FAILED that would mark a cut-off trial as broken. Reads Ray's (private) session."""
+    from ray.train._internal import session
+
+    s = session.get_session()
+    return s is None or s.stop_event.is_set()
 
 
 def resumed_run(client, parent_run: str, trial_id: str) -> str | None:
