@@ -278,3 +278,68 @@ def test_cover_read_scales_bound_what_each_solve_serves():
     cover = greedy_cover(a, deg, needed, rev)
     assert np.flatnonzero(cover).tolist() == [1]
     np.testing.assert_allclose(cover_read_scales(a, deg, needed, rev, cover), [0, np.sqrt(5), 0, 0, 0, 0])
+
+
+def components_kg(seed):
+    """A random component of 600 entities (Lanczos floor), a 5-path and a pair (dense floors), 3 isolated."""
+    rng = np.random.default_rng(seed)
+    h, t = rng.integers(0, 600, 2400), rng.integers(0, 600, 2400)
+    keep = h != t
+    h, t = np.r_[h[keep], 600, 601, 602, 603, 605], np.r_[t[keep], 601, 602, 603, 604, 606]
+    return 610, h, np.zeros(len(h), np.int64), t
+
+
+@pytest.mark.parametrize("alpha", [0.15, 0.5])
+def test_spectral_floors_bound_each_components_spectrum_from_below(alpha):
+    """The floor of M = I - (1-α)S on each component's complement of u = sqrt(d) is 1 - (1-α)λ2(S_c): never
+    above it (the CG bound would be unsound), and within the Lanczos margin of it."""
+    from scipy.sparse.csgraph import connected_components
+
+    from keplm.kg.pepr import SPECTRAL_MARGIN, CGSolver
+
+    n, h, r, t = components_kg(5)
+    a, _, _, deg = adjacency_from_triples(n, h, r, t)
+    cg = CGSolver(a, deg, alpha)
+    ncomp, comp = connected_components(a, directed=False)
+    assert len(cg.floors) == ncomp
+    checked = set()
+    for c in range(ncomp):
+        members = np.flatnonzero(comp == c)
+        floor = cg.floors[cg.component[cg.position[members[0]]]]
+        assert (cg.component[cg.position[members]] == cg.component[cg.position[members[0]]]).all()
+        if deg[members[0]] == 0:
+            assert floor == 1.0
+            checked.add("isolated")
+            continue
+        d = deg[members].astype(float)
+        s = (a[members][:, members].toarray() > 0) / np.sqrt(np.outer(d, d))
+        lam = np.linalg.eigvalsh(s)
+        assert lam[-1] == pytest.approx(1.0)      # u = sqrt(d) is S's top eigenvector on the component
+        true_floor = 1 - (1 - alpha) * lam[-2]
+        assert floor <= true_floor + 1e-9
+        assert floor >= true_floor - (1 - alpha) * (SPECTRAL_MARGIN + 1e-3)
+        checked.add("lanczos" if len(members) > 256 else f"dense{len(members)}")
+    assert checked == {"lanczos", "dense5", "dense2", "isolated"}
+    big = cg.floors[cg.component[cg.position[0]]]
+    assert big > 2 * alpha if alpha < 0.3 else big > alpha   # the gap is what deflation gains
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_deflated_cg_meets_the_tolerance_in_fewer_iterations(dtype):
+    """R e_m and R·1 against the dense inverse, with and without deflation, on a graph of several components
+    and isolated entities: every entry within tol, and the deflated solve stops sooner."""
+    from keplm.kg.pepr import CGSolver
+
+    n, h, r, t = components_kg(6)
+    a, _, _, deg = adjacency_from_triples(n, h, r, t)
+    alpha, tol = 0.15, (1e-4 if dtype == np.float32 else 1e-8)
+    exact = np.linalg.inv(np.eye(n) - (1 - alpha) * a.toarray())
+    seeds = np.array([0, 17, 333, 599, 600, 602, 605, 606, 607, 609])   # big, path, pair, isolated
+    iters = {}
+    for deflate in (False, True):
+        cg = CGSolver(a, deg, alpha, dtype, deflate=deflate)
+        y, iters[deflate] = cg.solve_units(seeds, tol, 1000)
+        assert np.abs(y - exact[:, seeds]).max() <= tol
+        g, _ = cg.solve(np.ones((n, 1)), tol, 1000)
+        assert np.abs(g[:, 0] - exact.sum(axis=1)).max() <= tol
+    assert iters[True] < iters[False]

@@ -32,7 +32,12 @@ the max-abs error of every score is below ``pepr.tol``:
   ``α`` times that (its normaliser is at least ``c1/α``), so ``y`` is solved to ``pepr.tol / α`` (less the
   tiny share left to ``g``'s error: ``y_tolerance``). Where every score is returned, ``d_t`` is bounded by
   ``d_max``; the cover solve below reads only the entries on the solved entity's edges, and bounds each by
-  its own ``d_t``.
+  its own ``d_t``. Deflation (``pepr.deflate``, default on): ``S`` has eigenvalue 1 on each connected
+  component, eigenvector ``u ∝ sqrt(d)``, so the right-hand side's part along ``u`` is solved exactly
+  (``/ α``) and CG runs on the rest, where the spectrum starts at the component's floor
+  ``1 - (1-α)·λ2(S)`` (``spectral_floors``: exact for small components, Lanczos plus a margin for large ones)
+  instead of ``α``; the bound becomes ``sqrt(d_t)·||r||_2 / floor``. On the real KG the floor is 0.44, on
+  the synthetic power-law graph 0.64: about a third fewer iterations.
 
 Neighbour candidates of ``m`` are the entities sharing a triple with it (either direction); they are
 ranked by PEPR score (ties to 12 decimals: lower id first) and the top ``pepr.k_max`` kept, so any ``K <= k_max`` is a
@@ -57,6 +62,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 from pydantic import Field, model_validator
 
 from keplm.kg.graph import Graph, load_graph
@@ -90,6 +96,9 @@ class PEPRConfig(Section):
     solve: Literal["cover", "seeds"] = Field(
         "cover", description="cg only. cover: solve a vertex cover of the seeds' edges and read the other "
                              "side by symmetry (R[t,m] = d_t/d_m R[m,t]); seeds: one solve per seed")
+    deflate: bool = Field(
+        True, description="cg only: remove each connected component's known eigenvector from the system, so CG and "
+                          "its error bound work on the component's spectral gap (estimated by Lanczos) instead of α")
     dtype: Literal["float64", "float32"] = "float64"
     seeds: Literal["auto", "all", "linked"] = Field(
         "auto", description="auto: entities linked in the corpus when the graph has frequencies, else all")
@@ -176,10 +185,50 @@ def power_block(a: sp.csr_matrix, seeds: np.ndarray, v0: np.ndarray, alpha: floa
                             f"raise pepr.max_iter or pepr.tol")
 
 
+# Lanczos' estimate of a component's second eigenvalue of S is raised by this before it sets a floor
+SPECTRAL_MARGIN = 0.02
+_DENSE_COMPONENT = 256   # components up to this size get their eigenvalues exactly (dense)
+
+
+def spectral_floors(s: sp.csr_matrix, component: np.ndarray, u: np.ndarray, alpha: float) -> np.ndarray:
+    """Per component: a floor of M = I - (1-α)S's spectrum on the complement of its eigenvector u (M u = α u),
+    i.e. 1 - (1-α)·λ2 with λ2 the component's second-largest eigenvalue of S. Exact (dense) for components of
+    up to 256 entities; for larger ones ARPACK's Lanczos estimate of the largest eigenvalue of S - u uᵀ on the
+    component plus ``SPECTRAL_MARGIN`` (a Ritz value approaches the top eigenvalue from below), or α, the
+    floor without deflation, when it does not converge. An isolated entity's row is the identity: floor 1."""
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    order = np.argsort(component, kind="stable")
+    sizes = np.bincount(component)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    sp_ = s[order][:, order].astype(np.float64).tocsr()
+    u_ = u[order].astype(np.float64)
+    floors = np.ones(len(sizes))
+    for c in np.flatnonzero(sizes > 1):
+        lo, hi = starts[c], starts[c + 1]
+        block, uc = sp_[lo:hi, lo:hi], u_[lo:hi]
+        if hi - lo <= _DENSE_COMPONENT:
+            lam2 = np.linalg.eigvalsh(block.toarray())[-2] + 1e-9
+        else:
+            op = LinearOperator(block.shape, matvec=lambda x, m=block, v=uc: m @ x - v * (v @ x), dtype=np.float64)
+            try:
+                top = eigsh(op, k=1, which="LA", tol=1e-4, v0=np.random.default_rng(0).random(hi - lo),
+                            return_eigenvectors=False)
+            except ArpackNoConvergence:
+                log.warning("PEPR: Lanczos did not converge on a component of %d entities; it keeps the floor α",
+                            hi - lo)
+                floors[c] = alpha
+                continue
+            lam2 = float(top[0]) + SPECTRAL_MARGIN
+        floors[c] = 1.0 - (1.0 - alpha) * min(1.0, max(lam2, -1.0))
+    return floors
+
+
 class CGSolver:
     """Solves (I - (1-α)A) y = rhs for blocks of right-hand sides on the symmetrised system."""
 
-    def __init__(self, a: sp.csr_matrix, degree: np.ndarray, alpha: float, dtype=np.float64):
+    def __init__(self, a: sp.csr_matrix, degree: np.ndarray, alpha: float, dtype=np.float64, deflate: bool = True,
+                 floors: np.ndarray | None = None):
         self.alpha, self.beta = alpha, 1.0 - alpha
         self.n = a.shape[0]
         d = np.maximum(degree, 1).astype(np.float64)  # isolated entities: decoupled identity rows
@@ -196,34 +245,61 @@ class CGSolver:
         self.s.sort_indices()
         self.sqrt_d_max = float(np.sqrt(d.max()))
         self.dtype = dtype
+        # the components (renumbered), their unit eigenvectors u ∝ sqrt(d) (zero on isolated entities, whose
+        # rows are the identity) as a components x Z matrix, and the floor of each one's spectrum on u's
+        # complement (``spectral_floors``); without deflation, nothing is removed and every floor is α
+        _, comp = connected_components(self.s, directed=False)
+        self.component = comp
+        u = np.where(self.isolated[self.order], 0.0, np.sqrt(d[self.order]))
+        norm = np.sqrt(np.bincount(comp, weights=u * u))
+        u = np.divide(u, norm[comp], out=np.zeros_like(u), where=norm[comp] > 0)
+        self.eigvec = sp.csr_matrix((u.astype(dtype), (comp, np.arange(self.n))), shape=(comp.max() + 1, self.n))
+        if not deflate:
+            self.eigvec = self.eigvec[:0]
+            self.component = np.zeros(self.n, np.int64)
+            self.floors = np.array([alpha])
+        else:
+            self.floors = spectral_floors(self.s, comp, u, alpha) if floors is None else np.asarray(floors)
 
     def solve(self, rhs: np.ndarray, tol, max_iter: int, read_scale=None) -> tuple[np.ndarray, int]:
         """rhs (Z x B) -> (y with |y_t - y*_t| <= tol for every entry t, iterations); tol a scalar or one per column.
 
         ``read_scale`` (one per column; default ``sqrt(d_max)``): the largest ``sqrt(d_t) · w_t`` over the entries
         ``t`` the caller reads, where ``w_t`` is the factor by which the caller's use of ``y_t`` scales its error.
-        A column stops when ``read_scale · ||r||_2 / α <= tol``, which bounds each read ``w_t · |y_t - y*_t|``."""
-        return self._cg((rhs / self.sqrt_d[:, None]).astype(self.dtype)[self.order], tol, max_iter, read_scale)
+        A column stops when ``read_scale · ||r||_2 / floor <= tol``, which bounds each read ``w_t · |y_t - y*_t|``;
+        ``floor`` is the least spectral floor of the components (α without deflation)."""
+        return self._cg((rhs / self.sqrt_d[:, None]).astype(self.dtype)[self.order], tol, max_iter, read_scale,
+                        float(self.floors.min()))
 
     def solve_units(self, seeds: np.ndarray, tol, max_iter: int, read_scale=None) -> tuple[np.ndarray, int]:
-        """solve() for the unit columns e_seed, without a dense right-hand side beside the block."""
+        """solve() for the unit columns e_seed, without a dense right-hand side beside the block; each column's
+        error lives in its seed's component, so it stops on that component's floor."""
         seeds = np.asarray(seeds, np.int64)
         b = np.zeros((self.n, len(seeds)), self.dtype)
         b[self.position[seeds], np.arange(len(seeds))] = 1.0 / self.sqrt_d[seeds]
-        return self._cg(b, tol, max_iter, read_scale)
+        return self._cg(b, tol, max_iter, read_scale, self.floors[self.component[self.position[seeds]]])
 
-    def _cg(self, b: np.ndarray, tol, max_iter: int, read_scale) -> tuple[np.ndarray, int]:
-        """CG on the renumbered symmetric system from x = 0; b (renumbered) becomes the residual."""
+    def _cg(self, b: np.ndarray, tol, max_iter: int, read_scale, floor) -> tuple[np.ndarray, int]:
+        """CG on the renumbered symmetric system from x = 0; b (renumbered) becomes the residual.
+
+        Deflation: M = I - (1-α)S has M u = α u for each component's u, so b's part along the u's is solved
+        exactly (coefficient / α) and CG runs on the rest, where M's spectrum starts at the component's floor
+        instead of α: fewer iterations, and ``||e||_2 <= ||r||_2 / floor``. The solution is projected off the
+        u's at the end, so round-off that leaked into them cannot add an error the bound does not see."""
         tol = np.broadcast_to(np.asarray(tol, np.float64), (b.shape[1],))
         scale = np.broadcast_to(np.asarray(self.sqrt_d_max if read_scale is None else read_scale, np.float64),
                                 (b.shape[1],))
+        floor = np.broadcast_to(np.asarray(floor, np.float64), (b.shape[1],))
+        along = np.asarray(self.eigvec @ b)   # components x B: b's coefficient on each u
+        b -= self.eigvec.T @ along
+        exact = along / self.alpha            # that part of the solution
         x = np.zeros_like(b)
         r = b
         p = r.copy()
         rs = np.einsum("ij,ij->j", r, r)
         active = np.arange(b.shape[1])
         out = np.zeros_like(b)
-        bound = scale / self.alpha
+        bound = scale / floor
         tmp = np.empty_like(b)
         # in place where numpy allows: on a big graph each n x B temporary is fresh memory to page in
         for it in range(1, max_iter + 1):
@@ -236,7 +312,9 @@ class CGSolver:
             rs_new = np.einsum("ij,ij->j", r, r)
             done = bound[active] * np.sqrt(rs_new) <= tol[active]
             if done.any():
-                out[:, active[done]] = x[:, done]
+                xd = x[:, done]
+                cols = active[done]
+                out[:, cols] = xd - self.eigvec.T @ (self.eigvec @ xd) + self.eigvec.T @ exact[:, cols]
                 keep = ~done
                 active, x, r, p, rs, rs_new = active[keep], x[:, keep], r[:, keep], p[:, keep], rs[keep], rs_new[keep]
                 tmp = np.empty_like(x)
@@ -253,13 +331,13 @@ class PEPRSolver:
     """PEPR score vectors for blocks of seeds (both methods); see the module docstring."""
 
     def __init__(self, a: sp.csr_matrix, degree: np.ndarray, cfg: PEPRConfig, v0: np.ndarray | None = None,
-                 g: np.ndarray | None = None):
+                 g: np.ndarray | None = None, floors: np.ndarray | None = None):
         self.a, self.degree, self.cfg = a, degree, cfg
         self.n = a.shape[0]
         self.dtype = np.float64 if cfg.dtype == "float64" else np.float32
         self.v0 = v0 if v0 is not None else np.full(self.n, 1.0 / self.n)
         if cfg.method == "cg":
-            self.cg = CGSolver(a, degree, cfg.alpha, self.dtype)
+            self.cg = CGSolver(a, degree, cfg.alpha, self.dtype, cfg.deflate, floors)
             # g = R·1 feeds every seed's score: solve it 1000x tighter than the scores need
             self.g = g if g is not None else self.cg.solve(np.ones((self.n, 1)), cfg.tol * G_TOL_FACTOR, cfg.max_iter)[0][:, 0]
             connected = ~self.cg.isolated
@@ -401,13 +479,13 @@ def top_k_neighbours(a: sp.csr_matrix, edge_relation: np.ndarray, edge_inverse: 
 class PEPRWorker:
     """One actor: holds the graph (zero-copy numpy views of the object store) and solves seed blocks."""
 
-    def __init__(self, indptr, indices, data, edge_relation, edge_inverse, degree, v0, g, cfg: PEPRConfig):
+    def __init__(self, indptr, indices, data, edge_relation, edge_inverse, degree, v0, g, floors, cfg: PEPRConfig):
         # scipy's sparse x dense product is single-threaded: one actor per core
         n = len(indptr) - 1
         self.a = sp.csr_matrix((data, indices, indptr), shape=(n, n), copy=False)
         self.edge_relation, self.edge_inverse = edge_relation, edge_inverse
         self.cfg = cfg
-        self.solver = PEPRSolver(self.a, degree, cfg, v0=v0, g=g)
+        self.solver = PEPRSolver(self.a, degree, cfg, v0=v0, g=g, floors=floors)
 
     def set_cover(self, needed, rev, in_cover) -> None:
         self.needed, self.rev, self.in_cover = needed, rev, in_cover
@@ -445,11 +523,12 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
     seeds = select_seeds(graph, cfg.seeds) if seeds is None else np.asarray(seeds)
     a = graph.adjacency
     v0 = initial_vector(graph.freq, num_samples, graph.num_entities)
-    g = None
+    g = floors = None
     if cfg.method == "cg":  # solved once here, not once per actor
-        g = PEPRSolver(a, graph.degree, cfg).g
+        driver = PEPRSolver(a, graph.degree, cfg)
+        g, floors = driver.g, driver.cg.floors
     refs = [ray.put(x) for x in (a.indptr, a.indices, a.data, graph.edge_relation, graph.edge_inverse,
-                                 graph.degree, v0, g)]
+                                 graph.degree, v0, g, floors)]
     actor_cls = ray.remote(num_cpus=cfg.actor_num_cpus)(PEPRWorker)
     actors = [actor_cls.remote(*refs, cfg) for _ in range(cfg.num_actors)]
     pool = ActorPool(actors)
