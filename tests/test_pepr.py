@@ -343,3 +343,25 @@ def test_deflated_cg_meets_the_tolerance_in_fewer_iterations(dtype):
         g, _ = cg.solve(np.ones((n, 1)), tol, 1000)
         assert np.abs(g[:, 0] - exact.sum(axis=1)).max() <= tol
     assert iters[True] < iters[False]
+
+
+def test_pipelined_calls_run_every_item_once_and_feed_the_faster_actor_more(ray_local):
+    import time
+
+    from keplm.platform.ray_session import pipelined_calls
+
+    @ray_local.remote(num_cpus=0.25)
+    class Worker:
+        def __init__(self, name, pause):
+            self.name, self.pause = name, pause
+
+        def work(self, item):
+            time.sleep(self.pause)
+            return item, self.name
+
+    actors = [Worker.remote("slow", 0.08), Worker.remote("fast", 0.005)]
+    done = list(pipelined_calls(actors, lambda actor, item: actor.work.remote(item), range(60), depth=3))
+    assert sorted(item for item, _ in done) == list(range(60))
+    by = {name: sum(who == name for _, who in done) for name in ("slow", "fast")}
+    assert by["fast"] > 3 * by["slow"] >= 3
+    assert list(pipelined_calls(actors, lambda actor, item: actor.work.remote(item), [])) == []

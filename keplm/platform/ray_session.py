@@ -42,3 +42,27 @@ def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = cfg.show_progress
+
+
+def pipelined_calls(actors: list, call, items, depth: int = 4):
+    """Yield ``ray.get(call(actor, item))`` for every item, in completion order, keeping up to ``depth`` calls
+    queued on each actor. ``ray.util.ActorPool`` keeps one per actor, so an actor idles for the round trip
+    to the driver after each call: on the real KG's PEPR, 618 short calls per run, that was about 3 s of a
+    14 s run on 2 cores. An actor that runs faster still takes more items, as with the pool."""
+    import ray
+
+    items = iter(items)
+    pending = {}
+
+    def submit(actor) -> None:
+        for item in items:
+            pending[call(actor, item)] = actor
+            return
+
+    for actor in actors:
+        for _ in range(depth):
+            submit(actor)
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        submit(pending.pop(ref))
+        yield ray.get(ref)
