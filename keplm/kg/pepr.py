@@ -31,8 +31,8 @@ the max-abs error of every score is below ``pepr.tol``:
   (``e`` the error of the symmetrised unknown, ``||e||_2 <= ||r||_2 / λ_min``), and a score moves by at most
   ``α`` times that (its normaliser is at least ``c1/α``), so ``y`` is solved to ``pepr.tol / α`` (less the
   tiny share left to ``g``'s error: ``y_tolerance``). Where every score is returned, ``d_t`` is bounded by
-  ``d_max``; the cover solve below reads only the entries on the solved entity's edges, and bounds each by
-  its own ``d_t``. Deflation (``pepr.deflate``, default on): ``S`` has eigenvalue 1 on each connected
+  ``d_max``; a per-seed solve read only at the seed's neighbours, by their largest ``d_t``; the cover solve
+  below reads only the entries on the solved entity's edges, and bounds each by its own ``d_t``. Deflation (``pepr.deflate``, default on): ``S`` has eigenvalue 1 on each connected
   component, eigenvector ``u ∝ sqrt(d)``, so the right-hand side's part along ``u`` is solved exactly
   (``/ α``) and CG runs on the rest, where the spectrum starts at the component's floor
   ``1 - (1-α)·λ2(S)`` (``spectral_floors``: exact for small components, Lanczos plus a margin for large ones)
@@ -360,15 +360,16 @@ class PEPRSolver:
             self.g_sum = connected.sum() / cfg.alpha + (~connected).sum()
         self.iterations: list[int] = []
 
-    def scores(self, seeds: np.ndarray) -> np.ndarray:
-        """Z x B PEPR scores (each column sums to 1) for the seeds."""
+    def scores(self, seeds: np.ndarray, read_scale: np.ndarray | None = None) -> np.ndarray:
+        """Z x B PEPR scores (each column sums to 1) for the seeds, every one within pepr.tol; with ``read_scale``
+        (cg only, one per seed: ``neighbour_read_scales``) only the scores at each seed's neighbours are."""
         seeds = np.asarray(seeds, np.int64)
         if self.cfg.method == "power":
             v, it = power_block(self.a, seeds, self.v0, self.cfg.alpha, self.cfg.tol, self.cfg.max_iter, self.dtype)
             self.iterations.append(it)
             return v
         n, alpha = self.n, self.cfg.alpha
-        y, it = self.cg.solve_units(seeds, y_tolerance(self.cfg.tol, alpha, n), self.cfg.max_iter)
+        y, it = self.cg.solve_units(seeds, y_tolerance(self.cfg.tol, alpha, n), self.cfg.max_iter, read_scale)
         self.iterations.append(it)
         iso = self.cg.isolated[seeds]
         y[:, iso] = 0.0
@@ -459,6 +460,19 @@ def edge_values(a: sp.csr_matrix, degree: np.ndarray, needed: np.ndarray, rev: n
     return np.concatenate(pos_out).astype(np.int64), np.concatenate(val_out).astype(np.float64)
 
 
+def neighbour_read_scales(a: sp.csr_matrix, degree: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Per seed, the largest sqrt(d_t) over its neighbours t: the read scale of a per-seed solve whose scores
+    are read only there (top_k_neighbours). 1 for a seed without neighbours (solved exactly)."""
+    seeds = np.asarray(seeds, np.int64)
+    lengths = a.indptr[seeds + 1] - a.indptr[seeds]
+    rows = np.repeat(np.arange(len(seeds)), lengths)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)   # offset in the row
+    pos = (np.repeat(a.indptr[seeds], lengths) + within).astype(np.int64)
+    out = np.ones(len(seeds))
+    np.maximum.at(out, rows, np.sqrt(degree[a.indices[pos]].astype(np.float64)))
+    return out
+
+
 def top_k_neighbours(a: sp.csr_matrix, edge_relation: np.ndarray, edge_inverse: np.ndarray,
                      seeds: np.ndarray, scores: np.ndarray | None, k_max: int,
                      edge_score: np.ndarray | None = None) -> pa.Table:
@@ -524,7 +538,9 @@ class PEPRWorker:
 
     def run(self, seeds: np.ndarray) -> tuple[pa.Table, int, float]:
         t = time.perf_counter()
-        scores = self.solver.scores(seeds)
+        # top_k_neighbours reads each seed's scores only at its neighbours: bound those, not every entry
+        scale = neighbour_read_scales(self.a, self.solver.degree, seeds) if self.cfg.method == "cg" else None
+        scores = self.solver.scores(seeds, scale)
         table = top_k_neighbours(self.a, self.edge_relation, self.edge_inverse, seeds, scores, self.cfg.k_max)
         return table, self.solver.iterations[-1], time.perf_counter() - t
 
