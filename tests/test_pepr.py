@@ -398,3 +398,13 @@ def test_per_seed_solves_bound_the_scores_read_at_neighbours():
             assert np.abs(got[nb, j] - exact[nb, j]).max() <= tol
         read.scores(sparse, scale[:3]), full.scores(sparse)
         assert read.iterations[-1] < full.iterations[-1]
+
+
+def test_a_solve_that_does_not_converge_is_one_clear_error(ray_local, tmp_path):
+    """The driver's g solve fails before any actor works: the error is PEPR's own, naming the keys to change."""
+    from keplm.kg.pepr import PEPRNoConvergence
+
+    build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
+    g = load_graph(tmp_path / "g")
+    with pytest.raises(PEPRNoConvergence, match="raise pepr.max_iter or pepr.tol"):
+        compute_neighbours(g, PEPRConfig(num_actors=2, max_iter=1, tol=1e-9, actor_num_cpus=0.5))

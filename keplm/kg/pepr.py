@@ -32,9 +32,9 @@ the max-abs error of every score is below ``pepr.tol``:
   ``α`` times that (its normaliser is at least ``c1/α``), so ``y`` is solved to ``pepr.tol / α`` (less the
   tiny share left to ``g``'s error: ``y_tolerance``). Where every score is returned, ``d_t`` is bounded by
   ``d_max``; a per-seed solve read only at the seed's neighbours, by their largest ``d_t``; the cover solve
-  below reads only the entries on the solved entity's edges, and bounds each by its own ``d_t``. Deflation (``pepr.deflate``, default on): ``S`` has eigenvalue 1 on each connected
-  component, eigenvector ``u ∝ sqrt(d)``, so the right-hand side's part along ``u`` is solved exactly
-  (``/ α``) and CG runs on the rest, where the spectrum starts at the component's floor
+  below reads only the entries on the solved entity's edges, and bounds each by its own ``d_t``.
+  Deflation (``pepr.deflate``, default on): ``S`` has eigenvalue 1 on each connected component, eigenvector
+  ``u ∝ sqrt(d)``, so the right-hand side's part along ``u`` is solved exactly (``/ α``) and CG runs on the rest, where the spectrum starts at the component's floor
   ``1 - (1-α)·λ2(S)`` (``spectral_floors``: exact for small components, Lanczos plus a margin for large ones)
   instead of ``α``; the bound becomes ``sqrt(d_t)·||r||_2 / floor``. On the real KG the floor is 0.44, on
   the synthetic power-law graph 0.64: about a third fewer iterations.
@@ -203,12 +203,12 @@ def spectral_floors(s: sp.csr_matrix, component: np.ndarray, u: np.ndarray, alph
     order = np.argsort(component, kind="stable")
     sizes = np.bincount(component)
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    sp_ = s[order][:, order].astype(np.float64).tocsr()
-    u_ = u[order].astype(np.float64)
+    s_sorted = s[order][:, order].astype(np.float64).tocsr()   # each component a diagonal block
+    u_sorted = u[order].astype(np.float64)
     floors = np.ones(len(sizes))
     for c in np.flatnonzero(sizes > 1):
         lo, hi = starts[c], starts[c + 1]
-        block, uc = sp_[lo:hi, lo:hi], u_[lo:hi]
+        block, uc = s_sorted[lo:hi, lo:hi], u_sorted[lo:hi]
         if hi - lo <= _DENSE_COMPONENT:
             lam2 = np.linalg.eigvalsh(block.toarray())[-2] + 1e-9
         else:
@@ -564,34 +564,36 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
     v0 = initial_vector(graph.freq, num_samples, graph.num_entities)
     actor_cls = ray.remote(num_cpus=cfg.actor_num_cpus)(PEPRWorker)
     actors = [actor_cls.remote(cfg) for _ in range(cfg.num_actors)]   # they start while the driver works
-    g = floors = None
-    if cfg.method == "cg":  # solved once here, not once per actor
-        driver = PEPRSolver(a, graph.degree, cfg)
-        g, floors = driver.g, driver.cg.floors
-    refs = [ray.put(x) for x in (a.indptr, a.indices, a.data, graph.edge_relation, graph.edge_inverse,
-                                 graph.degree, v0, g, floors)]
-    # an actor runs one caller's calls in order, so load runs before any solve; it is awaited (its errors
-    # surface as themselves) only once the driver has nothing else to do
-    loaded = [actor.load.remote(*refs) for actor in actors]
-    tables, counts = [], Counter()
-    bs = block_seeds(cfg, graph.num_entities)
-    if cfg.method == "cg" and cfg.solve == "cover":
-        table = _cover_neighbours(graph, cfg, seeds, g, actors, loaded, counts, bs)
-    else:
-        ray.get(loaded)
-        blocks = [seeds[i:i + bs] for i in range(0, len(seeds), bs)]
-        start = time.perf_counter()
-        for table, iters, secs in pipelined_calls(actors, lambda actor, blk: actor.run.remote(blk), blocks):
-            tables.append(table)
-            counts["blocks"] += 1
-            counts["iterations_max"] = max(counts["iterations_max"], iters)
-            counts["iterations_total"] += iters
-            counts["solve_seconds"] += secs
-        counts["solve_wall_seconds"] = time.perf_counter() - start
-        counts["solves"] = int(len(seeds))
-        table = pa.concat_tables(tables) if tables else NEIGHBOURS_SCHEMA.empty_table()
-    for actor in actors:
-        ray.kill(actor)
+    try:   # the actors go when this ends, also on an error (a solve that does not converge)
+        g = floors = None
+        if cfg.method == "cg":  # solved once here, not once per actor
+            driver = PEPRSolver(a, graph.degree, cfg)
+            g, floors = driver.g, driver.cg.floors
+        refs = [ray.put(x) for x in (a.indptr, a.indices, a.data, graph.edge_relation, graph.edge_inverse,
+                                     graph.degree, v0, g, floors)]
+        # an actor runs one caller's calls in order, so load runs before any solve; it is awaited (its errors
+        # surface as themselves) only once the driver has nothing else to do
+        loaded = [actor.load.remote(*refs) for actor in actors]
+        tables, counts = [], Counter()
+        bs = block_seeds(cfg, graph.num_entities)
+        if cfg.method == "cg" and cfg.solve == "cover":
+            table = _cover_neighbours(graph, cfg, seeds, g, actors, loaded, counts, bs)
+        else:
+            ray.get(loaded)
+            blocks = [seeds[i:i + bs] for i in range(0, len(seeds), bs)]
+            start = time.perf_counter()
+            for table, iters, secs in pipelined_calls(actors, lambda actor, blk: actor.run.remote(blk), blocks):
+                tables.append(table)
+                counts["blocks"] += 1
+                counts["iterations_max"] = max(counts["iterations_max"], iters)
+                counts["iterations_total"] += iters
+                counts["solve_seconds"] += secs
+            counts["solve_wall_seconds"] = time.perf_counter() - start
+            counts["solves"] = int(len(seeds))
+            table = pa.concat_tables(tables) if tables else NEIGHBOURS_SCHEMA.empty_table()
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     table = table.sort_by([("entity", "ascending"), ("rank", "ascending")])
     deg = graph.degree[seeds]
     counts.update({
