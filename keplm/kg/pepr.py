@@ -258,18 +258,18 @@ class CGSolver:
         # the components (renumbered), their unit eigenvectors u ∝ sqrt(d) (zero on isolated entities, whose
         # rows are the identity) as a components x Z matrix, and the floor of each one's spectrum on u's
         # complement (``spectral_floors``); without deflation, nothing is removed and every floor is α
+        if not deflate:
+            self.eigvec = sp.csr_matrix((0, self.n), dtype=dtype)
+            self.component = np.zeros(self.n, np.int64)
+            self.floors = np.array([alpha])
+            return
         _, comp = connected_components(self.s, directed=False)
         self.component = comp
         u = np.where(self.isolated[self.order], 0.0, np.sqrt(d[self.order]))
         norm = np.sqrt(np.bincount(comp, weights=u * u))
         u = np.divide(u, norm[comp], out=np.zeros_like(u), where=norm[comp] > 0)
         self.eigvec = sp.csr_matrix((u.astype(dtype), (comp, np.arange(self.n))), shape=(comp.max() + 1, self.n))
-        if not deflate:
-            self.eigvec = self.eigvec[:0]
-            self.component = np.zeros(self.n, np.int64)
-            self.floors = np.array([alpha])
-        else:
-            self.floors = spectral_floors(self.s, comp, u, alpha) if floors is None else np.asarray(floors)
+        self.floors = spectral_floors(self.s, comp, u, alpha) if floors is None else np.asarray(floors)
 
     def product(self, p: np.ndarray) -> np.ndarray:
         """S @ p for a dense Z x B block (renumbered)."""
