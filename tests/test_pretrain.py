@@ -7,7 +7,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from keplm.platform.train_loop import Prefetcher, compile_blocks, iter_row_batches, worker_rows
+from keplm.platform.train_loop import (Prefetcher, bounded_batches, compile_blocks, ingest_data_config,
+                                       iter_row_batches, shard_dataset, worker_rows)
 
 TINY = ["train.max_steps=12", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
         "train.lr=0.002", "train.warmup_ratio=0.0"]
@@ -40,6 +41,63 @@ def test_worker_shares_cover_every_row_once(demo_prepared):
     whole = [t for t in iter_row_batches(files, 1, 0, None)]
     parts = [t for lo, hi in shares for t in iter_row_batches(files, 1, lo, hi)]
     assert len(parts) == len(whole) and all(a.equals(b) for a, b in zip(parts, whole))
+
+
+def _split_rows(files, world, batch_size):
+    """Each worker's batches from the Ray Data split Ray Train hands the workers, read concurrently as the
+    workers do, as lists of the rows' input_ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    splits = ingest_data_config().configure({"train": shard_dataset(files, seed=42, read_cpus=0.0, read_concurrency=2)},
+                                            world_size=world, worker_handles=None, worker_node_ids=None)
+
+    def read(split):
+        return [[tuple(ids) for ids in b.column("input_ids").to_pylist()]
+                for b in split["train"].iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True)]
+
+    with ThreadPoolExecutor(world) as pool:
+        return list(pool.map(read, splits))
+
+
+def test_ray_data_split_gives_each_worker_equal_disjoint_rows_the_same_on_every_run(demo_prepared):
+    files = sorted(str(f) for f in (demo_prepared / "shards").glob("*.parquet"))
+    assert len(files) >= 2, "the split must spread several files"
+    all_rows = [tuple(ids) for t in iter_row_batches(files, 1, 0, None) for ids in t.column("input_ids").to_pylist()]
+    batch = 4
+    first = _split_rows(files, 2, batch)
+    # what the loop trains on: the smallest share's whole batches on every worker
+    steps = (len(all_rows) // 2) // batch
+    assert [len(w) for w in first] == [steps, steps]
+    seen = [row for w in first for b in w for row in b]
+    assert all(len(b) == batch for w in first for b in w)
+    assert len(seen) >= len(all_rows) - 2 * batch
+    # each row goes to one worker only (rows can repeat in the corpus: compare counts, not sets)
+    from collections import Counter
+
+    assert not Counter(seen) - Counter(all_rows)
+    assert _split_rows(files, 2, batch) == first
+    # the same split after an earlier stage in the process set a small block size (as prepare's did)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = 4096
+    try:
+        assert _split_rows(files, 2, batch) == first
+    finally:
+        ctx.target_max_block_size = saved
+
+
+def test_bounded_batches_yields_the_window_and_reads_the_rest():
+    read = []
+
+    def source():
+        for i in range(10):
+            read.append(i)
+            yield f"b{i}"
+
+    assert list(bounded_batches(source(), 3, 6)) == [(3, "b3"), (4, "b4"), (5, "b5")]
+    assert read == list(range(10))
 
 
 class _DrawingCollate:

@@ -209,11 +209,12 @@ def _clean_kwargs(cfg: PrepareConfig) -> dict:
 def _file_dataset(files: list[tuple[str, str]], block_kb: int):
     import ray
 
+    ds = ray.data.from_items([{"path": p, "name": n} for p, n in files], override_num_blocks=len(files))
     # Ray coalesces a task's yielded batches into blocks of this size; small blocks let one big
-    # corpus file fan out over the whole linking actor pool.
-    ray.data.DataContext.get_current().target_max_block_size = block_kb * 1024
-
-    return ray.data.from_items([{"path": p, "name": n} for p, n in files], override_num_blocks=len(files))
+    # corpus file fan out over the whole linking actor pool. Set on this dataset (its steps inherit
+    # it), not on the process's DataContext, which later stages' datasets would inherit.
+    ds.context.target_max_block_size = block_kb * 1024
+    return ds
 
 
 def train_vocab_from_corpus(cfg: PrepareConfig, out_dir: Path, files: list[tuple[str, str]] | None = None) -> Path:

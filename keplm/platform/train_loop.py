@@ -6,13 +6,16 @@ The loop knows no model: ``build(context) -> (model, collate)`` is called on eve
 turns a list of Parquet rows into a dict of tensors (with ``input_ids`` and ``attention_mask``). A
 collate object with an ``rng`` (numpy Generator) has that state checkpointed too.
 
-Data: each worker streams its own contiguous share of the rows (the shard files in this epoch's seeded
-order) with pyarrow, reading only the files its share overlaps, so no worker reads the whole corpus and the order is the same on every
-run (what makes kill-and-resume exact). (Ray Data inside the workers deadlocked on a small cluster: the
-train workers hold the CPUs its read tasks need.) Every worker runs the same number of steps per epoch: the
-smallest share's, so DDP never waits on a worker that ran out (the rows left over — fewer than one batch
-per worker — are counted as ``rows_skipped_for_balance``). File order is reshuffled per epoch with
-``seed + epoch``.
+Data (``reader``): by default one Ray Data read of the shard files (in a seeded order, one read task per
+file) that Ray Train splits across the workers (``streaming_split`` with equal row counts, each worker's
+``get_dataset_shard``), so no worker reads the whole corpus. The split runs with ``preserve_order``, so every
+run gives each worker the same rows in the same order (what makes kill-and-resume exact); a resumed epoch
+reads past the batches consumed before the checkpoint. ``shuffle_buffer_rows`` adds a local row shuffle
+reseeded per epoch. ``reader: pyarrow`` has each worker stream its own contiguous share of the rows (the
+files in each epoch's seeded order) without Ray Data, for clusters whose CPUs the training workers take
+all of (Ray Data's read tasks then never get scheduled). Either way every worker runs the same number of
+steps per epoch, the smallest share's, so DDP never waits on a worker that ran out (the rows left over —
+fewer than one batch per worker — are counted as ``rows_skipped_for_balance``).
 
 Checkpoint (every ``checkpoint_every`` optimizer steps and at the end): ``model/`` (``save_pretrained``,
 safetensors), ``state.pt`` (optimizer, scheduler, step, epoch, batch position in the epoch, torch and
@@ -27,7 +30,6 @@ compares like with like), and the workers' mean ``mlm_loss`` is reported as ``va
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -35,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -81,6 +83,15 @@ class TrainConfig(Section):
                                                          "(the GPU's deterministic fallbacks are slower)")
     prefetch_batches: int = Field(2, ge=0, description="batches collated ahead in a background thread "
                                                        "(0: collate in the training thread)")
+    reader: Literal["ray_data", "pyarrow"] = Field(
+        "ray_data", description="how workers get the shard rows: 'ray_data', one Ray Data read of the shards "
+        "split across the workers (streaming_split, get_dataset_shard); 'pyarrow', each worker reads its own "
+        "contiguous share of the files (no Ray Data tasks)")
+    read_cpus: float = Field(0.0, ge=0, description="CPUs each Ray Data read task asks for; 0 by default, since "
+                                                     "Ray Data gets only the whole CPUs the workers leave free")
+    read_concurrency: int = Field(2, ge=1, description="Ray Data read tasks running at once")
+    shuffle_buffer_rows: int = Field(0, ge=0, description="Ray Data reader: rows shuffled in a local buffer "
+                                                          "on each worker, reseeded per epoch (0: none)")
 
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -244,6 +255,64 @@ def iter_row_batches(files: list[str], batch_size: int, start: int = 0, stop: in
                 pending, n = rest.to_batches(), rest.num_rows
 
 
+TRAIN_COLUMNS = ["input_ids", "mentions"]
+TRAIN_BLOCK_BYTES = 128 * 2**20
+
+
+def _read_shard_files(batch):
+    """Ray Data map: a batch of shard paths -> their rows (the columns training reads)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(path, columns=TRAIN_COLUMNS) for path in batch["path"].to_pylist()])
+
+
+def shard_dataset(files: list[str], seed: int, read_cpus: float, read_concurrency: int):
+    """The shards as one Ray Data dataset: one read task per file, files in the seeded order of
+    ``epoch_files(files, 0, seed)``. With ``preserve_order`` (see ``ingest_data_config``) its rows come out
+    in this order on every run.
+
+    Built as paths -> a map that reads each file, not ``read_parquet``: that one lists the files in a task
+    that asks for a whole CPU, and the read tasks get only whole CPUs the training workers left over (Ray
+    Data's share of a node is rounded down), so on a node the workers fill it would wait forever. Here
+    every task asks for ``read_cpus``, 0 by default, with at most ``read_concurrency`` at a time."""
+    import ray.data
+
+    ordered = epoch_files(files, 0, seed)
+    paths = ray.data.from_items([{"path": str(Path(f).resolve())} for f in ordered], override_num_blocks=len(ordered))
+    rows = paths.map_batches(_read_shard_files, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus,
+                             concurrency=read_concurrency)
+    # the split deals out whole blocks, so the block size decides which rows each worker gets: fixed
+    # here, not taken from the caller's DataContext (the prepare stage sets a small one)
+    rows.context.target_max_block_size = TRAIN_BLOCK_BYTES
+    return rows
+
+
+def ingest_data_config():
+    """Ray Train's DataConfig for ``shard_dataset``: split across workers with equal row counts, in a fixed
+    order. Ray Data's splitter hands each block, in arrival order, to the worker with the fewest rows so
+    far; with ``preserve_order`` (which also turns its locality hints off) the arrival order is the read
+    order, so every run gives each worker the same rows in the same order — what exact resume needs."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options=options, enable_shard_locality=False)
+
+
+def bounded_batches(batches, start: int, stop: int):
+    """(index, batch) for batches [start, stop) of ``batches``, then the rest read to the end, so that a
+    Ray Data split finishes its epoch (its coordinator starts the next one only when every split has)."""
+    it = iter(batches)
+    for i, batch in enumerate(it):
+        if i >= stop:
+            break
+        if i >= start:
+            yield i, batch
+    for _ in it:
+        pass
+
+
 def worker_rows(files: list[str], world: int, rank: int) -> tuple[int, int]:
     """Rank r's contiguous share [start, stop) of all rows: shares differ by at most one row."""
     import pyarrow.parquet as pq
@@ -286,8 +355,10 @@ def train_loop_per_worker(config: dict) -> None:
             (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") or ".ln" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, fused=device.type == "cuda")
+    # Ray Data's equal split gives every worker total // world rows, the smallest of these shares too
     shares = [worker_rows(files, world, r) for r in range(world)]
     steps_per_epoch = min(hi - lo for lo, hi in shares) // cfg.batch_size
+    shard = ray.train.get_dataset_shard("train") if cfg.reader == "ray_data" else None
     skipped = sum(hi - lo for lo, hi in shares) - steps_per_epoch * cfg.batch_size * world
     opt_steps_per_epoch = steps_per_epoch // cfg.grad_accum
     if opt_steps_per_epoch == 0:
@@ -399,15 +470,19 @@ def train_loop_per_worker(config: dict) -> None:
     t_start = time.perf_counter()
     done = step >= total
     while not done:
-        lo, hi = worker_rows(files, world, rank)
         micro = 0
         sums: dict[str, Any] = {}
         if collate_state is not None:  # where the consumed batches left it, whatever the last epoch's thread drew
             collate.rng.bit_generator.state = collate_state
         set_collate_stats(collate, consumed_stats)
-        batches = iter_row_batches(epoch_files(files, epoch, cfg.seed), cfg.batch_size, lo, hi)
+        if shard is not None:
+            batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
+                                         local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
+                                         local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer_rows else None)
+        else:
+            batches = iter_row_batches(epoch_files(files, epoch, cfg.seed), cfg.batch_size, *shares[rank])
         # resuming: the batches before `position` were consumed before the checkpoint
-        pending = itertools.islice(enumerate(batches), position, steps_per_epoch)
+        pending = bounded_batches(batches, position, steps_per_epoch)
         feed = Prefetcher(pending, collate, cfg.prefetch_batches, pin=device.type == "cuda")
         for i, cpu_tensors, rng_state, batch_stats in feed:
             tokens_window += int(cpu_tensors["attention_mask"].sum())   # on the host: no device sync
@@ -535,6 +610,8 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     storage = cfg.storage_path or str(Path(out_dir).resolve() / "ray_train")
+    data = ({"datasets": {"train": shard_dataset(files, cfg.seed, cfg.read_cpus, cfg.read_concurrency)},
+             "dataset_config": ingest_data_config()} if cfg.reader == "ray_data" else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(), "files": files, "build": build, "build_context": build_context,
@@ -545,5 +622,6 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
         run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks or None,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        **data,
     )
     return trainer.fit()
