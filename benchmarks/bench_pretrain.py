@@ -14,7 +14,7 @@ plain MLM model and of SMedBERT at BERT-base shape, seq 512, bf16 autocast, on s
 the collator makes them (bench_models.batch), eager and with the encoder layers compiled
 (``train.compile``); MFU against the GPU's bf16 dense peak (989 TFLOP/s on an H100).
 
-    python benchmarks/bench_pretrain.py [--steps 20] [--gpu-batch 64] [--skip-cpu]
+    python benchmarks/bench_pretrain.py [--steps 20] [--gpu-batch 64] [--skip-cpu] [--reader pyarrow]
 """
 
 from __future__ import annotations
@@ -41,17 +41,17 @@ def run_job(out: Path, *overrides: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def cpu_scaling(steps: int) -> dict:
+def cpu_scaling(steps: int, reader: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    out: dict = {}
+    out: dict = {"cpu_reader": reader}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # prepare once; both runs read the same shards
         run_job(tmp / "base", "model.kind=mlm", "train.max_steps=1", "train.num_workers=1", "train.batch_size=2")
         for workers in (1, 2):
             res = run_job(tmp / f"w{workers}", f"--prepared={tmp / 'base' / 'prepare'}", *MODEL,
-                          f"train.num_workers={workers}", f"train.max_steps={steps}")
+                          f"train.reader={reader}", f"train.num_workers={workers}", f"train.max_steps={steps}")
             client = MlflowClient(f"sqlite:///{tmp / f'w{workers}' / 'mlflow.db'}")
             hist = {k: [m.value for m in sorted(client.get_metric_history(res["mlflow_run_id"], k), key=lambda m: m.step)]
                     for k in ("tokens_per_s", "mfu")}
@@ -102,12 +102,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--gpu-batch", type=int, default=64)
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--reader", choices=["ray_data", "pyarrow"], default="ray_data", help="train.reader of the CPU runs")
     args = ap.parse_args()
     import torch
 
     out: dict = {"bench": "pretrain"}
     if not args.skip_cpu:
-        out.update(cpu_scaling(args.steps))
+        out.update(cpu_scaling(args.steps, args.reader))
     if torch.cuda.is_available():
         out.update(gpu_figures(args.steps, args.gpu_batch))
     else:
