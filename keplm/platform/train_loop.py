@@ -10,10 +10,9 @@ Data (``reader``): by default one Ray Data read of the shard files (in a seeded 
 file) that Ray Train splits across the workers (``streaming_split`` with equal row counts, each worker's
 ``get_dataset_shard``), so no worker reads the whole corpus. The split runs with ``preserve_order``, so every
 run gives each worker the same rows in the same order (what makes kill-and-resume exact); a resumed epoch
-reads past the batches consumed before the checkpoint. ``shuffle_buffer_rows`` adds a local row shuffle
-reseeded per epoch. ``reader: pyarrow`` has each worker stream its own contiguous share of the rows (the
-files in each epoch's seeded order) without Ray Data, for clusters whose CPUs the training workers take
-all of (Ray Data's read tasks then never get scheduled). Either way every worker runs the same number of
+reads past the batches consumed before the checkpoint; every epoch reads the rows in that one order.
+``reader: pyarrow`` has each worker stream its own contiguous share of the rows without Ray Data, the files
+reshuffled per epoch (``seed + epoch``). Either way every worker runs the same number of
 steps per epoch, the smallest share's, so DDP never waits on a worker that ran out (the rows left over —
 fewer than one batch per worker — are counted as ``rows_skipped_for_balance``).
 
@@ -90,8 +89,6 @@ class TrainConfig(Section):
     read_cpus: float = Field(0.0, ge=0, description="CPUs each Ray Data read task asks for; 0 by default, since "
                                                      "Ray Data gets only the whole CPUs the workers leave free")
     read_concurrency: int = Field(2, ge=1, description="Ray Data read tasks running at once")
-    shuffle_buffer_rows: int = Field(0, ge=0, description="Ray Data reader: rows shuffled in a local buffer "
-                                                          "on each worker, reseeded per epoch (0: none)")
 
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -283,7 +280,7 @@ def shard_dataset(files: list[str], seed: int, read_cpus: float, read_concurrenc
     rows = paths.map_batches(_read_shard_files, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus,
                              concurrency=read_concurrency)
     # the split deals out whole blocks, so the block size decides which rows each worker gets: fixed
-    # here, not taken from the caller's DataContext (the prepare stage sets a small one)
+    # here, not taken from the caller's DataContext, which an earlier stage may have changed
     rows.context.target_max_block_size = TRAIN_BLOCK_BYTES
     return rows
 
@@ -476,9 +473,7 @@ def train_loop_per_worker(config: dict) -> None:
             collate.rng.bit_generator.state = collate_state
         set_collate_stats(collate, consumed_stats)
         if shard is not None:
-            batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
-                                         local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
-                                         local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer_rows else None)
+            batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True)
         else:
             batches = iter_row_batches(epoch_files(files, epoch, cfg.seed), cfg.batch_size, *shares[rank])
         # resuming: the batches before `position` were consumed before the checkpoint
