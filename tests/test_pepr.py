@@ -7,7 +7,7 @@ import pytest
 
 from conftest import DEMO, need_shared
 from keplm.kg.graph import GraphConfig, adjacency_from_triples, build_graph, load_graph
-from keplm.kg.pepr import (PEPRConfig, PEPRSolver, block_seeds, compute_neighbours, initial_vector,
+from keplm.kg.pepr import (PEPRConfig, PEPRSolver, block_seeds, call_groups, compute_neighbours, initial_vector,
                            personalization, run_neighbours, top_k_neighbours)
 from keplm.platform.config import load_config
 from keplm.platform.errors import ConfigError
@@ -143,6 +143,33 @@ def test_block_size_fits_the_cache_budget(ray_local, tmp_path):
     assert nc["blocks"] == -(-nc["solves"] // 5) > wc["blocks"]
     assert narrow.drop_columns(["score"]).equals(wide.drop_columns(["score"]))
     np.testing.assert_allclose(narrow.column("score").to_numpy(), wide.column("score").to_numpy(), atol=2e-9)
+
+
+def test_call_groups_carry_whole_blocks_and_keep_every_actor_queued():
+    items = np.arange(1000)
+    calls = call_groups(items, 10, PEPRConfig(num_actors=2, call_blocks=4))   # 100 blocks: 4 per call
+    assert [len(c) for c in calls] == [40] * 25 and np.array_equal(np.concatenate(calls), items)
+    # 20 blocks on 2 actors: 4 blocks per call would leave 5 calls, fewer than 4 queued per actor
+    assert [len(c) for c in call_groups(items[:200], 10, PEPRConfig(num_actors=2, call_blocks=4))] == [20] * 10
+    assert [len(c) for c in call_groups(items[:25], 10, PEPRConfig(num_actors=2))] == [10, 10, 5]
+    assert call_groups(items[:0], 10, PEPRConfig()) == []
+
+
+@pytest.mark.parametrize("solve", ["cover", "seeds"])
+def test_several_blocks_per_call_give_the_same_neighbours(ray_local, tmp_path, solve):
+    build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
+    g = load_graph(tmp_path / "g")
+    # 2-seed blocks: enough of them (28 for the cover, 244 per seed) that 3 go into one call and 4 still queue
+    # on each actor
+    base = dict(num_actors=2, k_max=10, tol=1e-9, actor_num_cpus=0.5, solve=solve, block_min_seeds=1,
+                block_mib=6 * g.num_entities * 8 * 2 / 2**20)
+    single, sc = compute_neighbours(g, PEPRConfig(**base, call_blocks=1))
+    grouped, gc = compute_neighbours(g, PEPRConfig(**base, call_blocks=3))
+    assert sc["block_seeds"] == gc["block_seeds"] == 2
+    assert sc["calls"] == sc["blocks"] == gc["blocks"] == -(-gc["solves"] // 2) >= 24
+    assert gc["calls"] == -(-gc["blocks"] // 3)
+    assert gc["iterations_total"] == sc["iterations_total"] and gc["iterations_max"] == sc["iterations_max"]
+    assert grouped.equals(single)   # the same blocks, solved the same way: equal to the last bit
 
 
 def test_linked_seeds_and_frequency_start(ray_local, tmp_path, demo_prepared):
