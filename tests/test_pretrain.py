@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from keplm.platform.train_loop import (Prefetcher, bounded_batches, compile_blocks, ingest_data_config,
-                                       iter_row_batches, shard_dataset, worker_rows)
+                                       iter_row_batches, shard_batches, shard_dataset, shuffle_seed, worker_rows)
 
 TINY = ["train.max_steps=12", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
         "train.lr=0.002", "train.warmup_ratio=0.0"]
@@ -43,20 +43,20 @@ def test_worker_shares_cover_every_row_once(demo_prepared):
     assert len(parts) == len(whole) and all(a.equals(b) for a, b in zip(parts, whole))
 
 
-def _split_rows(files, world, batch_size):
+def _split_rows(files, world, batch_size, shuffle_rows=0, epoch=0):
     """Each worker's batches from the Ray Data split Ray Train hands the workers, read concurrently as the
-    workers do, as lists of the rows' input_ids."""
+    workers do (``shard_batches``, as the loop reads them), as lists of the rows' input_ids."""
     from concurrent.futures import ThreadPoolExecutor
 
     splits = ingest_data_config().configure({"train": shard_dataset(files, seed=42, read_cpus=0.0, read_concurrency=2)},
                                             world_size=world, worker_handles=None, worker_node_ids=None)
 
-    def read(split):
-        return [[tuple(ids) for ids in b.column("input_ids").to_pylist()]
-                for b in split["train"].iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True)]
+    def read(rank):
+        batches = shard_batches(splits[rank]["train"], batch_size, shuffle_rows, shuffle_seed(42, epoch, rank))
+        return [[tuple(ids) for ids in b.column("input_ids").to_pylist()] for b in batches]
 
     with ThreadPoolExecutor(world) as pool:
-        return list(pool.map(read, splits))
+        return list(pool.map(read, range(world)))
 
 
 def test_ray_data_split_gives_each_worker_equal_disjoint_rows_the_same_on_every_run(demo_prepared):
@@ -86,6 +86,27 @@ def test_ray_data_split_gives_each_worker_equal_disjoint_rows_the_same_on_every_
         assert _split_rows(files, 2, batch) == first
     finally:
         ctx.target_max_block_size = saved
+
+
+def test_local_shuffle_reorders_each_workers_rows_per_epoch_the_same_on_every_run(demo_prepared):
+    from collections import Counter
+
+    files = sorted(str(f) for f in (demo_prepared / "shards").glob("*.parquet"))
+    batch = 4
+    plain = _split_rows(files, 2, 1)            # every row each worker gets, in read order
+    epoch0 = _split_rows(files, 2, batch, shuffle_rows=64)
+    assert _split_rows(files, 2, batch, shuffle_rows=64) == epoch0
+    epoch1 = _split_rows(files, 2, batch, shuffle_rows=64, epoch=1)
+    for rank in range(2):
+        mine = [row for b in plain[rank] for row in b]
+        for shuffled in (epoch0[rank], epoch1[rank]):
+            rows = [row for b in shuffled for row in b]
+            # the same number of whole batches as unshuffled, drawn from this worker's rows only
+            assert len(shuffled) == len(mine) // batch and all(len(b) == batch for b in shuffled)
+            assert not Counter(rows) - Counter(mine)
+            assert rows != mine[:len(rows)]
+        assert epoch0[rank] != epoch1[rank]
+    assert shuffle_seed(42, 0, 0) != shuffle_seed(42, 0, 1) != shuffle_seed(42, 1, 1) != shuffle_seed(43, 1, 1)
 
 
 def test_bounded_batches_yields_the_window_and_reads_the_rest():

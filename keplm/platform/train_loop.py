@@ -9,8 +9,10 @@ collate object with an ``rng`` (numpy Generator) has that state checkpointed too
 Data (``reader``): by default one Ray Data read of the shard files (in a seeded order, one read task per
 file) that Ray Train splits across the workers (``streaming_split`` with equal row counts, each worker's
 ``get_dataset_shard``), so no worker reads the whole corpus. The split runs with ``preserve_order``, so every
-run gives each worker the same rows in the same order (what makes kill-and-resume exact); a resumed epoch
-reads past the batches consumed before the checkpoint; every epoch reads the rows in that one order.
+run gives each worker the same rows in the same order (what makes kill-and-resume exact). Each worker then
+shuffles its rows in a local buffer (``shuffle_buffer_rows``) seeded by ``seed``, the epoch and its rank, so
+an epoch's batch order is new each epoch and the same on every run; a resumed epoch reads past the batches
+consumed before the checkpoint.
 ``reader: pyarrow`` has each worker stream its own contiguous share of the rows without Ray Data, the files
 reshuffled per epoch (``seed + epoch``). Either way every worker runs the same number of
 steps per epoch, the smallest share's, so DDP never waits on a worker that ran out (the rows left over —
@@ -89,6 +91,9 @@ class TrainConfig(Section):
     read_cpus: float = Field(0.0, ge=0, description="CPUs each Ray Data read task asks for; 0 by default, since "
                                                      "Ray Data gets only the whole CPUs the workers leave free")
     read_concurrency: int = Field(2, ge=1, description="Ray Data read tasks running at once")
+    shuffle_buffer_rows: int = Field(
+        4096, ge=0, description="ray_data reader: each worker shuffles its rows in a buffer of this many, seeded "
+        "by train.seed, the epoch and its rank (the shards keep a document's segments together; 0: off)")
 
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -297,6 +302,21 @@ def ingest_data_config():
     return DataConfig(datasets_to_split=["train"], execution_options=options, enable_shard_locality=False)
 
 
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local shuffle's seed for one worker's epoch: distinct per (seed, epoch, rank), fixed across runs."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def shard_batches(shard, batch_size: int, shuffle_rows: int, seed: int):
+    """A worker's batches of its Ray Data split, whole ones only, shuffled in a buffer of ``shuffle_rows``
+    rows drawn with ``seed`` (0 rows: in read order). Ray's local shuffle is deterministic for a given seed and
+    sequence of blocks, and the split delivers the same blocks on every run."""
+    shuffle = {"local_shuffle_buffer_size": shuffle_rows, "local_shuffle_seed": seed} if shuffle_rows else {}
+    return shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True, **shuffle)
+
+
 def bounded_batches(batches, start: int, stop: int):
     """(index, batch) for batches [start, stop) of ``batches``, then the rest read to the end, so that a
     Ray Data split finishes its epoch (its coordinator starts the next one only when every split has)."""
@@ -473,7 +493,7 @@ def train_loop_per_worker(config: dict) -> None:
             collate.rng.bit_generator.state = collate_state
         set_collate_stats(collate, consumed_stats)
         if shard is not None:
-            batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True)
+            batches = shard_batches(shard, cfg.batch_size, cfg.shuffle_buffer_rows, shuffle_seed(cfg.seed, epoch, rank))
         else:
             batches = iter_row_batches(epoch_files(files, epoch, cfg.seed), cfg.batch_size, *shares[rank])
         # resuming: the batches before `position` were consumed before the checkpoint
