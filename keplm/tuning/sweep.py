@@ -113,6 +113,10 @@ def unfinished_trials(experiment_path: str, expected: int) -> list[str] | None:
     return live if live or len(trials) < expected else None
 
 
+def _write_summary(out: Path, summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+
+
 def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, model: str | None, metric: str, mode: str,
            unfinished: list[str] | None = None) -> dict:
     """Summarise the trials into MLflow and OUT (trials.csv, summary.json, best_config.yaml); ``unfinished``
@@ -165,7 +169,7 @@ def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, mode
     if interrupted:
         client.set_tag(parent, "keplm.interrupted", "true")
         client.set_terminated(parent, status="KILLED")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+        _write_summary(out, summary)
         raise SweepInterrupted(f"{job} interrupted with {len(live)} trial(s) unfinished ({len(trials)} started); "
                                f"its state is saved: run the same command again to resume it")
     if "keplm.interrupted" in client.get_run(parent).data.tags:   # this run resumed an interrupted one
@@ -186,7 +190,7 @@ def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, mode
                        best_config=str(out / "best_config.yaml"))
     client.log_metric(parent, "trial_steps", summary["trial_steps"])
     client.set_terminated(parent, status="FINISHED" if ok else "FAILED")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    _write_summary(out, summary)
     if not ok:
         raise KeplmError(f"{job}: every trial failed; first error: {trials[0]['error'] if trials else 'no trials'}")
     return summary
