@@ -288,8 +288,52 @@ def test_cover_scores_meet_the_tolerance_where_the_transpose_amplifies_errors(ra
     assert len(got) == a.nnz and err.max() <= tol
 
 
+def test_reverse_positions_pair_each_entry_with_its_transpose():
+    import scipy.sparse as sp
+
+    from keplm.kg.pepr import reverse_positions
+
+    rng = np.random.default_rng(1)
+    n = 200
+    h, t = rng.integers(0, n, 900), rng.integers(0, n, 900)
+    a, _, _, _ = adjacency_from_triples(n, h[h != t], np.zeros((h != t).sum(), int), t[h != t])
+    rows = np.repeat(np.arange(n), np.diff(a.indptr))
+    assert a.has_canonical_format
+    rev = reverse_positions(a)
+    assert (rows[rev] == a.indices).all() and (a.indices[rev] == rows).all() and (rev[rev] == np.arange(a.nnz)).all()
+    # the same pattern with each row's entries stored in reverse order: not canonical, the sorting path
+    flipped = np.concatenate([np.arange(a.indptr[i + 1] - 1, a.indptr[i] - 1, -1) for i in range(n)]).astype(np.int64)
+    b = sp.csr_matrix((a.data[flipped], a.indices[flipped], a.indptr), shape=a.shape)
+    assert not b.has_canonical_format
+    rev_b = reverse_positions(b)
+    assert (rows[rev_b] == b.indices).all() and (b.indices[rev_b] == rows).all()
+
+
+def test_cover_covers_every_needed_entry_and_takes_low_degree_entities_out_first():
+    from keplm.kg.pepr import greedy_cover, reverse_positions
+
+    # a path 0-1-2-3-4: the ends (degree 1) leave first, then 2 — the minimum cover {1, 3}
+    a, _, _, deg = adjacency_from_triples(5, np.arange(4), np.zeros(4, int), np.arange(1, 5))
+    assert np.flatnonzero(greedy_cover(a, deg, np.ones(a.nnz, bool), reverse_positions(a))).tolist() == [1, 3]
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(5, 300))
+        h, t = rng.integers(0, n, 3 * n), rng.integers(0, n, 3 * n)
+        a, _, _, deg = adjacency_from_triples(n, h[h != t], np.zeros((h != t).sum(), int), t[h != t])
+        rows = np.repeat(np.arange(n), np.diff(a.indptr))
+        rev = reverse_positions(a)
+        seeds = rng.random(n) < (1.0 if trial % 2 else 0.2)
+        needed = seeds[rows]
+        cover = greedy_cover(a, deg, needed, rev)
+        # every needed entry (m, t) has m or t solved; nothing outside the needed entries' ends is solved
+        assert (cover[rows] | cover[a.indices])[needed].all()
+        assert not (cover & ~np.isin(np.arange(n), np.concatenate([rows[needed], a.indices[needed]]))).any()
+        assert cover.sum() <= seeds[deg > 0].sum()
+
+
 def test_cover_read_scales_bound_what_each_solve_serves():
-    """Star 0 - {1..5} and 4 - 5, all seeds: the cover is {0, 4}. Solve v serves seed v at each neighbour t
+    """Star 0 - {1..5} and 4 - 5, all seeds: the cover is {0, 5} (1-4 join the independent set: the leaves
+    by degree, 4 before 5 by id). Solve v serves seed v at each neighbour t
     (weight 1) and a seed t outside the cover at v through the transpose (weight d_v / d_t); its scale is
     the largest sqrt(d_t) · weight."""
     from keplm.kg.pepr import cover_read_scales, greedy_cover, reverse_positions
@@ -300,10 +344,10 @@ def test_cover_read_scales_bound_what_each_solve_serves():
     rev = reverse_positions(a)
     needed = np.ones(a.nnz, bool)
     cover = greedy_cover(a, deg, needed, rev)
-    assert np.flatnonzero(cover).tolist() == [0, 4]
-    # 0: leaves 1-3 read through it at weight d_0/d_t = 5 with sqrt(1); 5 at 5/2 with sqrt(2); its own 1 with sqrt(2)
-    # 4: its own values at 0 (sqrt 5) and 5 (sqrt 2); seed 5 through it at d_4/d_5 = 1
-    np.testing.assert_allclose(cover_read_scales(a, deg, needed, rev, cover), [5, 0, 0, 0, np.sqrt(5), 0])
+    assert np.flatnonzero(cover).tolist() == [0, 5]
+    # 0: leaves 1-3 read through it at weight d_0/d_t = 5 with sqrt(1); 4 at 5/2 with sqrt(2); its own 1 with sqrt(2)
+    # 5: its own values at 0 (sqrt 5) and 4 (sqrt 2); seed 4 through it at d_5/d_4 = 1
+    np.testing.assert_allclose(cover_read_scales(a, deg, needed, rev, cover), [5, 0, 0, 0, 0, np.sqrt(5)])
     needed = rows == 1                     # seed 1 alone: it is its own cover and reads its value at 0
     cover = greedy_cover(a, deg, needed, rev)
     assert np.flatnonzero(cover).tolist() == [1]

@@ -401,13 +401,21 @@ class PEPRSolver:
 # PEPR of seed m at neighbour t needs R[t, m] = (R e_m)[t]. On the undirected graph R^T = D^{-1} R D, so
 # R[t, m] = (d_t / d_m) · R[m, t] = (d_t / d_m) · (R e_t)[m]: the solve for t gives every value the edge
 # (m, t) needs. So only a vertex cover of the seeds' edges is solved: on the real KG every edge touches a
-# disease, so 8.8 K solves replace 24.9 K. The solve for v reads y = R e_v only at v's neighbours t: at t
+# disease, so 9.2 K solves replace 24.9 K. The solve for v reads y = R e_v only at v's neighbours t: at t
 # itself when v is a seed, and scaled by d_v / d_t when t is a seed outside the cover; it stops once the
 # bound of every such read (CGSolver.solve's read_scale) is within tol / α.
 
 
 def reverse_positions(a: sp.csr_matrix) -> np.ndarray:
     """For every stored entry (i, j) of a symmetric pattern, the position of (j, i)."""
+    if a.has_canonical_format:
+        # sorted rows, no duplicates: the transpose (scipy's linear-time CSR conversion) of a matrix holding each
+        # entry's position lists its entries in a's order, so its data is the answer. The sort below took 6.7 s
+        # on the 275 K synthetic graph, this 0.14 s.
+        positions = sp.csr_matrix((np.arange(a.nnz, dtype=np.int64), a.indices, a.indptr), shape=a.shape)
+        transposed = positions.T.tocsr()
+        transposed.sort_indices()
+        return transposed.data
     n = a.shape[0]
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(a.indptr))
     cols = a.indices.astype(np.int64)
@@ -417,23 +425,32 @@ def reverse_positions(a: sp.csr_matrix) -> np.ndarray:
 
 
 def greedy_cover(a: sp.csr_matrix, degree: np.ndarray, needed: np.ndarray, rev: np.ndarray) -> np.ndarray:
-    """A vertex cover (bool per entity) of the entries with ``needed`` (or its reverse) set: entities in
-    decreasing order of needed edges join while they have a needed edge whose other end has not joined.
-    The seeds themselves are always a cover (every needed entry is a seed's row): used when not larger."""
+    """A vertex cover (bool per entity) of the entries with ``needed`` (or its reverse) set: the complement of a
+    maximal independent set of those edges that low-degree entities join first. It is built in rounds (Luby's
+    parallel independent set, with the degree left as the priority): an entity joins when its (degree among the
+    entities left, id) is below every remaining neighbour's; then it and its neighbours leave. On the 275 K
+    synthetic graph: 189.5 K solves in 0.3 s, where adding entities in a fixed decreasing-degree order gave
+    210.5 K in 1.5 s. The seeds themselves are always a cover (every needed entry is a seed's row): used when
+    not larger."""
     n = a.shape[0]
     want = needed | needed[rev]
-    in_cover = np.zeros(n, bool)
     rows = np.repeat(np.arange(n), np.diff(a.indptr))
-    wanted_degree = np.bincount(rows[want], minlength=n)
-    order = np.lexsort((np.arange(n), -wanted_degree))
-    indptr, indices = a.indptr, a.indices
-    for v in order:
-        lo, hi = indptr[v], indptr[v + 1]
-        if lo == hi:
-            continue
-        w = want[lo:hi]
-        if w.any() and not in_cover[indices[lo:hi][w]].all():
-            in_cover[v] = True
+    src, dst = rows[want], a.indices[want]
+    touched = np.bincount(src, minlength=n) > 0
+    alive, independent = touched.copy(), np.zeros(n, bool)
+    ids = np.arange(n, dtype=np.int64)
+    while alive.any():   # the alive entity of least key always joins: at most n rounds, 4 on the synthetic graph
+        live = alive[src] & alive[dst]
+        src, dst = src[live], dst[live]
+        key = np.bincount(src, minlength=n).astype(np.int64) * n + ids
+        lowest = np.full(n, np.iinfo(np.int64).max)
+        np.minimum.at(lowest, src, key[dst])
+        join = alive & (key < lowest)
+        independent |= join
+        leave = join.copy()
+        leave[dst[join[src]]] = True
+        alive &= ~leave
+    in_cover = touched & ~independent
     seeds = np.zeros(n, bool)
     seeds[rows[needed]] = True
     return in_cover if in_cover.sum() < seeds.sum() else seeds
