@@ -330,7 +330,7 @@ class CGSolver:
         out = np.zeros_like(b)
         bound = scale / floor
         # the n x B updates run in place as torch ops on views of the same buffers: each axpy is one
-        # addcmul_, a third of numpy's multiply-then-add time (7 % less per cover solve on the 275 K synthetic
+        # addcmul_, a third of numpy's multiply-then-add time (2-7 % less per cover solve on the 275 K synthetic
         # graph; torch's addmm for (I - βS)p was slower than the product and two in-place ops)
         X, R, P = (torch.from_numpy(v) for v in (x, r, p))
         for it in range(1, max_iter + 1):
