@@ -419,6 +419,41 @@ def test_deflated_cg_meets_the_tolerance_in_fewer_iterations(dtype):
     assert iters[True] < iters[False]
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("work", [0.02, 1e9])
+def test_sparse_start_takes_the_dense_iterates_and_meets_the_tolerance(monkeypatch, dtype, work):
+    """CG's first iterations on sparse ``s + c·u`` vectors are the dense path's iterates: the same solution (to
+    round-off) and iteration count, every entry within tol of the dense inverse. work=1e9 runs whole solves
+    sparse, so the pair's and the path's columns fold c·u into s and converge there."""
+    import keplm.kg.pepr as pepr
+
+    n, h, r, t = components_kg(6)
+    a, _, _, deg = adjacency_from_triples(n, h, r, t)
+    alpha, tol = 0.15, (1e-4 if dtype == np.float32 else 1e-10)
+    exact = np.linalg.inv(np.eye(n) - (1 - alpha) * a.toarray())
+    seeds = np.array([0, 17, 333, 599, 600, 602, 605, 606, 607, 609, 3])   # big, path, pair, isolated
+    cg = pepr.CGSolver(a, deg, alpha, dtype)
+    monkeypatch.setattr(pepr, "SPARSE_START_MIN_NNZ", 0)   # a test-sized graph takes the large graphs' route
+    monkeypatch.setattr(pepr, "SPARSE_START_WORK", 0.0)
+    y_dense, it_dense = cg.solve_units(seeds, tol, 1000)
+    sparse_iterations = []
+    start = pepr.CGSolver._sparse_start
+
+    def spy(self, *args):
+        state = start(self, *args)
+        sparse_iterations.append(state[-1])
+        assert all(v.flags.c_contiguous for v in state[:3])   # the dense loop's products want row-major blocks
+        return state
+
+    monkeypatch.setattr(pepr.CGSolver, "_sparse_start", spy)
+    monkeypatch.setattr(pepr, "SPARSE_START_WORK", work)
+    y, it = cg.solve_units(seeds, tol, 1000)
+    assert sparse_iterations[0] >= (1 if work < 1 else it)
+    assert it == it_dense
+    assert np.abs(y - exact[:, seeds]).max() <= tol
+    assert np.abs(y - y_dense).max() <= (1e-6 if dtype == np.float32 else 1e-12)
+
+
 def test_pipelined_calls_run_every_item_once_and_feed_the_faster_actor_more(ray_local):
     import time
 
