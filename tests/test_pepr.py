@@ -454,6 +454,155 @@ def test_sparse_start_takes_the_dense_iterates_and_meets_the_tolerance(monkeypat
     assert np.abs(y - y_dense).max() <= (1e-6 if dtype == np.float32 else 1e-12)
 
 
+def renumbered_dense(cg):
+    """M = I - (1-α)S and the projection P off every component's u, dense, in the solver's numbering."""
+    m = np.eye(cg.n) - cg.beta * cg.s.toarray()
+    eig = cg.eigvec.toarray()
+    return m, np.eye(cg.n) - eig.T @ eig
+
+
+@pytest.mark.parametrize("alpha", [0.15, 0.5])
+def test_entrywise_error_bound_holds_for_every_residual_shape(alpha):
+    """max_t |(P M^{-1} r)_t| <= error_bound(||r||², ||r||_∞, off_u, floor) <= ||r||_2 / floor, for residuals that
+    stress each term: M times the big component's slowest mode (needs the c·||r|| term), M times a localised
+    vector (needs ||r||_∞), one on the pair (λ = -1 only: c = β/(1+β), not 1/floor - 1 < 0), one on the 5-path,
+    and random ones over every component with parts along the u's (off_u). Floors: the column's component's, or
+    the least, as solve_units and solve use them."""
+    from keplm.kg.pepr import CGSolver
+
+    n, h, r, t = components_kg(7)
+    a, _, _, deg = adjacency_from_triples(n, h, r, t)
+    cg = CGSolver(a, deg, alpha)
+    m, proj = renumbered_dense(cg)
+    comp = cg.component
+    big, pair, path = (comp[cg.position[e]] for e in (0, 605, 600))
+    cols, floors = [], []
+
+    def add(v, c):   # a residual and the floor the solver would bound it with
+        cols.append(v)
+        floors.append(cg.floors[c] if c is not None else cg.floors.min())
+
+    members = np.flatnonzero(comp == big)
+    lam, vec = np.linalg.eigh(cg.s.toarray()[np.ix_(members, members)])
+    for k in (-2, 0):                        # λ2's and the most negative eigenvalue's modes
+        v = np.zeros(n)
+        v[members] = vec[:, k]
+        add(m @ v, big)
+    local = np.zeros(n)
+    local[cg.position[3]] = 1.0
+    add(m @ proj @ local, big)
+    for c in (pair, path):
+        v = np.zeros(n)
+        v[comp == c] = np.random.default_rng(c).normal(size=(comp == c).sum())
+        add(proj @ v, c)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        add(rng.normal(size=n) * rng.random(n) ** 3, None)   # u parts left in: off_u carries them
+    res = np.array(cols).T.copy()
+    floors = np.array(floors)
+    err = np.abs(proj @ np.linalg.solve(m, res)).max(axis=0)
+    rs = np.einsum("ij,ij->j", res, res)
+    r_max, off_u = cg.dense_extremes(res, np.arange(res.shape[1]))
+    np.testing.assert_allclose(r_max, np.abs(res).max(axis=0))
+    np.testing.assert_allclose(off_u, np.abs(res - proj @ res).max(axis=0), atol=1e-12)
+    bound = cg.error_bound(rs, r_max, off_u, floors)
+    assert (err <= bound * (1 + 1e-9)).all()
+    assert (bound <= np.sqrt(rs) / floors * (1 + 1e-12)).all()
+    # and it is the entrywise term that binds where the residual is spread: the slow mode's bound is below the
+    # 2-norm one, and both terms are needed (without ||r||_∞ the localised column, without c the slow mode break)
+    assert bound[0] < 0.75 * np.sqrt(rs[0]) / floors[0]
+    c = np.maximum(cg.beta / (1 + cg.beta), 1 / floors - 1)
+    assert err[0] > r_max[0] + off_u[0]
+    # c is ||βS M^{-1}||_2 on each component's complement of u: equal where the floor is exact (the pair, whose
+    # only other eigenvalue is -1, and the path), above it on the big component (Lanczos' λ2 plus the margin)
+    for e, exact_floor in ((605, True), (600, True), (0, False)):
+        members = np.flatnonzero(comp == comp[cg.position[e]])
+        lam = np.linalg.eigvalsh(cg.s.toarray()[np.ix_(members, members)])[:-1]
+        norm = np.abs(cg.beta * lam / (1 - cg.beta * lam)).max()
+        c_e = cg.error_bound(np.ones(1), 0.0, 0.0, cg.floors[comp[cg.position[e]]:][:1])[0]
+        assert c_e == pytest.approx(norm, rel=1e-7) if exact_floor else norm <= c_e <= norm + 0.1
+    if alpha == 0.5:   # (at 0.15 the big component's c exceeds 1, and c·||r|| alone covers a unit spike)
+        assert err[2] > c[2] * np.sqrt(rs[2]) + off_u[2]
+
+
+def test_entrywise_error_bound_counts_the_residuals_part_along_u():
+    """A residual with a part along u (round-off puts one there) is projected off before the error: on a star at
+    α = 0.9, r = e_centre - u/u_centre is zero at the centre, yet the error there is 0.45, more than ||r||_∞ + c·||r||
+    (0.34); off_u = u_centre·|uᵀr| makes up the difference."""
+    from keplm.kg.pepr import CGSolver
+
+    k = 16
+    a, _, _, deg = adjacency_from_triples(k + 1, np.zeros(k, np.int64), np.zeros(k, np.int64), np.arange(1, k + 1))
+    cg = CGSolver(a, deg, 0.9)
+    m, proj = renumbered_dense(cg)
+    centre = cg.position[0]
+    res = np.zeros((k + 1, 1))
+    res[centre] = 1.0
+    res[:, 0] -= cg.u_all / cg.u_all[centre]
+    err = np.abs(proj @ np.linalg.solve(m, res)).max()
+    r_max, off_u = cg.dense_extremes(res, np.array([0]))
+    rs = (res ** 2).sum(axis=0)
+    floor = cg.floors[cg.component[centre]:cg.component[centre] + 1]
+    c = max(cg.beta / (1 + cg.beta), 1 / floor[0] - 1)
+    assert err > r_max[0] + c * np.sqrt(rs[0])
+    assert err <= cg.error_bound(rs, r_max, off_u, floor)[0]
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-8), (np.float32, 1e-4)])
+def test_entrywise_bound_stops_power_law_columns_sooner_within_tol(monkeypatch, dtype, tol):
+    """On a power-law graph (hubs, floor 0.67) the entrywise bound stops CG no later than the 2-norm one for every
+    seed, sooner for most, and every entry is still within tol of the dense inverse."""
+    import keplm.kg.pepr as pepr
+
+    n = 2000
+    rng = np.random.default_rng(0)
+    w = 1.0 / np.arange(1, n + 1) ** 0.75
+    w /= w.sum()
+    h, t = rng.choice(n, 30000, p=w), rng.choice(n, 30000, p=rng.permutation(w))
+    keep = h != t
+    a, _, _, deg = adjacency_from_triples(n, h[keep], np.zeros(keep.sum(), np.int64), t[keep])
+    alpha = 0.15
+    exact = np.linalg.inv(np.eye(n) - (1 - alpha) * a.toarray())
+    seeds = rng.choice(np.flatnonzero(deg > 0), 12, replace=False)
+    cg = pepr.CGSolver(a, deg, alpha, dtype)
+    iters = {}
+    for bound in ("entrywise", "2-norm"):
+        if bound == "2-norm":
+            monkeypatch.setattr(pepr.CGSolver, "error_bound", lambda self, rs, r_max, off_u, floor: np.sqrt(rs) / floor)
+        iters[bound] = []
+        for s in seeds:
+            y, it = cg.solve_units(np.array([s]), tol, 1000)
+            assert np.abs(y[:, 0] - exact[:, s]).max() <= tol
+            iters[bound].append(it)
+    assert all(e <= q for e, q in zip(iters["entrywise"], iters["2-norm"]))
+    assert sum(iters["entrywise"]) <= sum(iters["2-norm"]) - len(seeds) // 2
+
+
+def test_sparse_residual_max_matches_the_dense_vector():
+    """``sparse_abs_max`` of s + c·u (the sparse start's vectors) equals the dense vector's max-abs per row, whether
+    the support misses the component's largest u entries, holds a prefix of them, or the whole component."""
+    import scipy.sparse as sp
+
+    from keplm.kg.pepr import CGSolver
+
+    n, h, r, t = components_kg(7)
+    a, _, _, deg = adjacency_from_triples(n, h, r, t)
+    cg = CGSolver(a, deg, 0.15)
+    comp = cg.component
+    big = np.flatnonzero(comp == comp[cg.position[0]])            # increasing ids: decreasing u
+    path = np.flatnonzero(comp == comp[cg.position[600]])
+    rng = np.random.default_rng(1)
+    supports = [big[-40:], big[:25], np.r_[big[:3], big[5:30]], big, path[1:], path]
+    rows = [(np.full(len(s), i), s) for i, s in enumerate(supports)]
+    s = sp.csr_matrix((rng.normal(size=sum(len(x) for x in supports)) * 1e-4,   # small: u's part outside shows
+                       (np.concatenate([q for q, _ in rows]), np.concatenate([x for _, x in rows]))),
+                      shape=(len(supports), n))
+    cols = np.array([x[0] for x in supports])
+    c = np.array([-0.3, 0.2, 0.5, -0.1, 0.4, 0.0])
+    dense = cg._densify(s, c, cols)
+    np.testing.assert_allclose(cg.sparse_abs_max(s, c, cols), np.abs(dense).max(axis=0), rtol=1e-12)
+
+
 def test_pipelined_calls_run_every_item_once_and_feed_the_faster_actor_more(ray_local):
     import time
 
