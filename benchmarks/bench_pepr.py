@@ -10,7 +10,7 @@ per-seed solve and the cover route are timed on samples and extrapolated to all 
 x 275 K / 16 cores, and (cover solves to the bound of the values each serves) x cover size / 16 + the cover's
 one-process construction. The cover solves are timed as the job runs them (sparse start, entrywise stopping
 bound) and, interleaved, with dense products from the first iteration (``..._dense_start``) and with the 2-norm
-stopping bound ``||r||_2 / floor`` (``..._two_norm_bound``).
+stopping bound ``||r||_2 / floor`` (``..._two_norm_bound``): medians of five rounds in rotated order.
 
     python benchmarks/bench_pepr.py [--sample 64] [--nx-sample 6] [--scale-seeds 0 (all)] [--synthetic-seeds 128]
 """
@@ -172,15 +172,16 @@ def main() -> None:
     # first product, and the 2-norm stopping bound
     sparse_work = pepr.SPARSE_START_WORK
     settings = {"job": (sparse_work, entrywise), "dense_start": (0.0, entrywise), "two_norm": (sparse_work, two_norm)}
-    passes, iters = {k: [] for k in settings}, {}
-    for _ in range(3):
-        for k, setting in settings.items():
-            seconds, iters[k] = cover_pass(*setting)
+    # medians of five rounds, each in a rotated order: this host's speed drifts by up to a third within an hour
+    passes, iters, names = {k: [] for k in settings}, {}, list(settings)
+    for round_ in range(5):
+        for k in names[round_ % 3:] + names[:round_ % 3]:
+            seconds, iters[k] = cover_pass(*settings[k])
             passes[k].append(seconds)
     pepr.SPARSE_START_WORK, pepr.CGSolver.error_bound = settings["job"]
-    t_cov, cover_iters = float(np.mean(passes["job"])), iters["job"]
-    t_cov_dense = float(np.mean(passes["dense_start"]))
-    t_cov_2norm = float(np.mean(passes["two_norm"]))
+    t_cov, cover_iters = float(np.median(passes["job"])), iters["job"]
+    t_cov_dense = float(np.median(passes["dense_start"]))
+    t_cov_2norm = float(np.median(passes["two_norm"]))
     syn_peak = rss_mb() - before
 
     print(json.dumps({
