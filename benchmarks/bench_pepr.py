@@ -156,7 +156,7 @@ def main() -> None:
 
     entrywise = pepr.CGSolver.error_bound
 
-    def two_norm(self, rs, r_max, off_u, floor):   # the bound before the entrywise one: ||r||_2 / floor
+    def two_norm(self, rs, floor, r_max=None, off_u=None):   # the bound before the entrywise one: ||r||_2 / floor
         return np.sqrt(rs) / floor
 
     def cover_pass(work: float, bound) -> tuple[float, list[int]]:

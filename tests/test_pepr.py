@@ -463,7 +463,7 @@ def renumbered_dense(cg):
 
 @pytest.mark.parametrize("alpha", [0.15, 0.5])
 def test_entrywise_error_bound_holds_for_every_residual_shape(alpha):
-    """max_t |(P M^{-1} r)_t| <= error_bound(||r||², ||r||_∞, off_u, floor) <= ||r||_2 / floor, for residuals that
+    """max_t |(P M^{-1} r)_t| <= error_bound(||r||², floor, ||r||_∞, off_u) <= ||r||_2 / floor, for residuals that
     stress each term: M times the big component's slowest mode (needs the c·||r|| term), M times a localised
     vector (needs ||r||_∞), one on the pair (λ = -1 only: c = β/(1+β), not 1/floor - 1 < 0), one on the 5-path,
     and random ones over every component with parts along the u's (off_u). Floors: the column's component's, or
@@ -505,7 +505,7 @@ def test_entrywise_error_bound_holds_for_every_residual_shape(alpha):
     r_max, off_u = cg.dense_extremes(res, np.arange(res.shape[1]))
     np.testing.assert_allclose(r_max, np.abs(res).max(axis=0))
     np.testing.assert_allclose(off_u, np.abs(res - proj @ res).max(axis=0), atol=1e-12)
-    bound = cg.error_bound(rs, r_max, off_u, floors)
+    bound = cg.error_bound(rs, floors, r_max, off_u)
     assert (err <= bound * (1 + 1e-9)).all()
     assert (bound <= np.sqrt(rs) / floors * (1 + 1e-12)).all()
     # and it is the entrywise term that binds where the residual is spread: the slow mode's bound is below the
@@ -519,7 +519,7 @@ def test_entrywise_error_bound_holds_for_every_residual_shape(alpha):
         members = np.flatnonzero(comp == comp[cg.position[e]])
         lam = np.linalg.eigvalsh(cg.s.toarray()[np.ix_(members, members)])[:-1]
         norm = np.abs(cg.beta * lam / (1 - cg.beta * lam)).max()
-        c_e = cg.error_bound(np.ones(1), 0.0, 0.0, cg.floors[comp[cg.position[e]]:][:1])[0]
+        c_e = cg.error_bound(np.ones(1), cg.floors[comp[cg.position[e]]:][:1], 0.0, 0.0)[0]
         assert c_e == pytest.approx(norm, rel=1e-7) if exact_floor else norm <= c_e <= norm + 0.1
     if alpha == 0.5:   # (at 0.15 the big component's c exceeds 1, and c·||r|| alone covers a unit spike)
         assert err[2] > c[2] * np.sqrt(rs[2]) + off_u[2]
@@ -545,7 +545,7 @@ def test_entrywise_error_bound_counts_the_residuals_part_along_u():
     floor = cg.floors[cg.component[centre]:cg.component[centre] + 1]
     c = max(cg.beta / (1 + cg.beta), 1 / floor[0] - 1)
     assert err > r_max[0] + c * np.sqrt(rs[0])
-    assert err <= cg.error_bound(rs, r_max, off_u, floor)[0]
+    assert err <= cg.error_bound(rs, floor, r_max, off_u)[0]
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-8), (np.float32, 1e-4)])
@@ -568,7 +568,8 @@ def test_entrywise_bound_stops_power_law_columns_sooner_within_tol(monkeypatch, 
     iters = {}
     for bound in ("entrywise", "2-norm"):
         if bound == "2-norm":
-            monkeypatch.setattr(pepr.CGSolver, "error_bound", lambda self, rs, r_max, off_u, floor: np.sqrt(rs) / floor)
+            monkeypatch.setattr(pepr.CGSolver, "error_bound",
+                                lambda self, rs, floor, r_max=None, off_u=None: np.sqrt(rs) / floor)
         iters[bound] = []
         for s in seeds:
             y, it = cg.solve_units(np.array([s]), tol, 1000)

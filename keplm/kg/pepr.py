@@ -377,11 +377,11 @@ class CGSolver:
             """The columns whose every read is within tol. ``extremes(cols)`` -> (||r||_∞, off_u) of those columns
             costs a pass over the block, so it is asked only for the columns the entrywise bound could stop."""
             s, f, t = scale[active], floor[active], tol[active]
-            done = s * self.error_bound(rs, np.full(len(rs), np.inf), 0.0, f) <= t
-            maybe = np.flatnonzero(~done & (s * self.error_bound(rs, 0.0, 0.0, f) <= t))
+            done = s * self.error_bound(rs, f) <= t                                   # ||r||_∞ unknown yet
+            maybe = np.flatnonzero(~done & (s * self.error_bound(rs, f, 0.0) <= t))   # the least it can give
             if len(maybe):
                 r_max, off_u = extremes(maybe)
-                done[maybe] = s[maybe] * self.error_bound(rs[maybe], r_max, off_u, f[maybe]) <= t[maybe]
+                done[maybe] = s[maybe] * self.error_bound(rs[maybe], f[maybe], r_max, off_u) <= t[maybe]
             return done
 
         out = np.zeros((self.n, width), self.dtype)
@@ -423,9 +423,10 @@ class CGSolver:
         raise PEPRNoConvergence(f"PEPR (cg) did not reach tol={float(tol.min()):g} in {max_iter} iterations; "
                                 f"raise pepr.max_iter or pepr.tol")
 
-    def error_bound(self, rs: np.ndarray, r_max: np.ndarray, off_u: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    def error_bound(self, rs: np.ndarray, floor: np.ndarray, r_max=np.inf, off_u=0.0) -> np.ndarray:
         """Per column, a bound on max_t |e_t| for the error e = P M^{-1} r of the returned solution (P projects off
-        the u's, as ``_finish`` does), from ``rs`` = ||r||², ``r_max`` = ||r||_∞ and ``off_u`` >= ||r - P r||_∞.
+        the u's, as ``_finish`` does), from ``rs`` = ||r||², ``r_max`` = ||r||_∞ (unknown: only the 2-norm bound)
+        and ``off_u`` >= ||r - P r||_∞.
 
         ||e||_2 <= ||r||_2 / floor, and, entry by entry, M^{-1} = I + βS M^{-1} gives
         |e_t| <= |(P r)_t| + ||βS M^{-1} P r||_2 <= ||r||_∞ + off_u + c·||r||_2, where c is the largest |βλ/(1-βλ)| over
@@ -500,9 +501,7 @@ class CGSolver:
             sx, cx = sx + scaled(sp_, step), cx + step * cp
             sr, cr = sr - scaled(msp, step), cr - step * mcp
             rs_new = np.maximum(dot(sr, cr, sr, cr), 0.0)
-            done = stops(active, rs_new, lambda rows: (
-                self.sparse_abs_max(sr[rows], cr[rows], cols[rows]),
-                self.u_max[self.component[cols[rows]]] * np.abs(sr[rows] @ self.u_all + cr[rows] * uu[rows])))
+            done = stops(active, rs_new, lambda rows: self.sparse_extremes(sr[rows], cr[rows], cols[rows]))
             if done.any():
                 self._finish(out, self._densify(sx[done], cx[done], cols[done]), active[done], exact)
                 keep = ~done
@@ -514,6 +513,11 @@ class CGSolver:
             rs = rs_new
         x, r, p = (self._densify(s, c, cols) for s, c in ((sx, cx), (sr, cr), (sp_, cp)))
         return x, r, p, np.einsum("ij,ij->j", r, r), active, it
+
+    def sparse_extremes(self, s: sp.csr_matrix, c: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``dense_extremes`` for the sparse start's rows s + c·u: (||s + c·u||_∞, u_max·|uᵀ(s + c·u)|)."""
+        uu = (self.u_all[cols] != 0)   # uᵀu: 1, or 0 for an isolated entity / without deflation
+        return self.sparse_abs_max(s, c, cols), self.u_max[self.component[cols]] * np.abs(s @ self.u_all + c * uu)
 
     def sparse_abs_max(self, s: sp.csr_matrix, c: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """||s + c·u||_∞ per row (u: the row's own component eigenvector, ``cols`` a member of it per row): on s's
