@@ -11,8 +11,10 @@ x 275 K / 16 cores, and (cover solves to the bound of the values each serves) x 
 one-process construction. The cover solves are timed as the job runs them (sparse start, entrywise stopping
 bound) and, interleaved, with dense products from the first iteration (``..._dense_start``) and with the 2-norm
 stopping bound ``||r||_2 / floor`` (``..._two_norm_bound``): medians of five rounds in rotated order.
+``--synthetic-actor-seeds N`` also runs the job's 1 vs 2 actors on N seeds of the synthetic graph.
 
     python benchmarks/bench_pepr.py [--sample 64] [--nx-sample 6] [--scale-seeds 0 (all)] [--synthetic-seeds 128]
+                                    [--synthetic-actor-seeds 0]
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ def main() -> None:
     ap.add_argument("--nx-sample", type=int, default=6, help="seeds for networkx (about 0.5 s each)")
     ap.add_argument("--scale-seeds", type=int, default=0, help="seeds for the 1 vs 2 actors run (0: all entities)")
     ap.add_argument("--synthetic-seeds", type=int, default=128)
+    ap.add_argument("--synthetic-actor-seeds", type=int, default=0,
+                    help="also run 1 vs 2 actors on this many seeds of the synthetic graph (0: skip; 2400 takes ~4 min)")
     ap.add_argument("--alpha", type=float, default=0.15)
     args = ap.parse_args()
     logging.disable(logging.WARNING)
 
     import networkx as nx
+    import pyarrow as pa
     import ray
     import torch
     from torch_ppr.utils import power_iteration, prepare_page_rank_adjacency
@@ -132,7 +137,7 @@ def main() -> None:
     before = rss_mb()
     t = time.perf_counter()
     h, r, tl = synthetic_graph(275_000, 4_400_000, 20)
-    sa, _, _, sdeg = adjacency_from_triples(275_000, h, r, tl)
+    sa, s_rel, s_inv, sdeg = adjacency_from_triples(275_000, h, r, tl)
     t_build = time.perf_counter() - t
     ssolver = PEPRSolver(sa, sdeg, cfg)
     sbs = block_seeds(cfg, sa.shape[0])   # the job's blocking on this graph
@@ -186,6 +191,24 @@ def main() -> None:
     t_cov_2norm = float(np.median(passes["two_norm"]))
     syn_peak = rss_mb() - before
 
+    # optional: 1 vs 2 actors on the synthetic graph, where the solves outweigh the fixed part more than on the
+    # real KG (the driver's g and floors, the object store, the actors' start)
+    syn_walls, syn_solve_walls = {}, {}
+    if args.synthetic_actor_seeds:
+        from keplm.kg.graph import Graph
+
+        sgraph = Graph(entities=pa.table({"id": np.arange(sa.shape[0])}), relations=None, triples=None,
+                       adjacency=sa, edge_relation=s_rel, edge_inverse=s_inv, degree=sdeg, path=None)
+        aseeds = rng.choice(np.flatnonzero(sdeg > 0), args.synthetic_actor_seeds, replace=False)
+        ray.init(num_cpus=2, object_store_memory=1500 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+        for actors in (1, 2):
+            c = cfg.model_copy(update={"num_actors": actors, "k_max": 10, "actor_num_cpus": 1.0})
+            t = time.perf_counter()
+            _, counts = compute_neighbours(sgraph, c, seeds=aseeds)
+            syn_walls[actors] = round(time.perf_counter() - t, 2)
+            syn_solve_walls[actors] = counts["solve_wall_seconds"]
+        ray.shutdown()
+
     print(json.dumps({
         "bench": "pepr", "data": source, "entities": n, "edges": int(a.nnz // 2), "alpha": alpha,
         "sample_seeds": len(seeds),
@@ -221,6 +244,11 @@ def main() -> None:
         "entrywise_bound_speedup": round(t_cov_2norm / t_cov, 2),
         "synthetic_all_entities_cover_est_s_16_cores": round((t_cov * len(cover) + t_cover_build * 16) / 16),
         "synthetic_peak_rss_mb": round(syn_peak), "target_synthetic_s_16_cores": 300,
+        **({"synthetic_actor_seeds": args.synthetic_actor_seeds, "synthetic_wall_s_1_actor": syn_walls[1],
+            "synthetic_wall_s_2_actors": syn_walls[2],
+            "synthetic_speedup_1_to_2_actors": round(syn_walls[1] / syn_walls[2], 2),
+            "synthetic_solve_phase_speedup_1_to_2_actors": round(syn_solve_walls[1] / syn_solve_walls[2], 2)}
+           if syn_walls else {}),
     }))
 
 
