@@ -163,8 +163,8 @@ def main() -> None:
 
     entrywise = pepr.CGSolver.error_bound
 
-    def two_norm(self, rs, floor, r_max=None, off_u=None):   # the bound before the entrywise one: ||r||_2 / floor
-        return np.sqrt(rs) / floor
+    def two_norm(self, rs, floor, r_max=None, off_u=None):   # the bound before the entrywise one: ||r||_2 / floor,
+        return entrywise(self, rs, floor)                      # which is what it gives with ||r||_inf unknown
 
     def cover_pass(work: float, bound) -> tuple[float, list[int]]:
         pepr.SPARSE_START_WORK = work
