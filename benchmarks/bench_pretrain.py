@@ -14,7 +14,11 @@ plain MLM model and of SMedBERT at BERT-base shape, seq 512, bf16 autocast, on s
 the collator makes them (bench_models.batch), eager and with the encoder layers compiled
 (``train.compile``); MFU against the GPU's bf16 dense peak (989 TFLOP/s on an H100).
 
+With ``--variants`` it also reports what bounds plain MLM (``bound_variants``): the host's share, each SDPA
+backend, dropout, and compile modes, one change at a time.
+
     python benchmarks/bench_pretrain.py [--steps 20] [--gpu-batch 64] [--skip-cpu] [--reader pyarrow]
+                                        [--variants [--autotune] [--skip-gpu-figures]]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,22 +102,132 @@ def gpu_figures(steps: int, batch_size: int) -> dict:
     return out
 
 
+def queued_step_time(model, data, steps: int, warmup: int, dtype) -> float:
+    """Mean forward + backward + AdamW step with the steps queued back to back and one device sync at the end,
+    as a training loop that never waits on the device runs; step_time syncs every step, so its figure also
+    holds the time the device waits for the host to launch the next step's first kernels."""
+    import torch
+
+    cuda = next(model.parameters()).device.type == "cuda"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+
+    def one():
+        with torch.autocast("cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        one()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        one()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def bound_variants(steps: int, batch_size: int, seq: int, shape_name: str, device, autotune: bool) -> dict:
+    """What bounds plain MLM's tokens/s, one change at a time against the eager step as bench_models times it
+    (synchronised every step): the steps queued back to back (the host's share), also without the model's own
+sync on its MLM targets, each SDPA backend forced
+    (flash, cuDNN, memory-efficient; 'unavailable' where the device has none), dropout off (p = 0 in every
+    nn.Dropout, SDPA's included), the encoder layers compiled as ``train.compile`` does, and, with
+    ``autotune``, compiled with ``mode="max-autotune-no-cudagraphs"`` (Inductor's GEMM templates with fused
+    epilogues; minutes of autotuning). Each figure is tokens/s and MFU."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_models import SHAPES, batch, models, step_time
+
+    from keplm.platform.train_loop import compile_blocks, device_peak_flops, flops_per_token
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    data = batch(batch_size, seq, k=10, n=10, device=device)
+    make = models(SHAPES[shape_name], seq)["bert_mlm"]
+    peak = device_peak_flops(device, None)
+    warmup = 2
+    out: dict = {"variants_shape": shape_name, "variants_batch": batch_size, "variants_seq": seq}
+
+    def record(tag: str, seconds: float, model) -> None:
+        tok_s = batch_size * seq / seconds
+        out[f"variant_{tag}_tokens_per_s"] = round(tok_s)
+        out[f"variant_{tag}_mfu"] = round(tok_s * flops_per_token(model, seq) / peak, 4)
+
+    def fresh(compile_mode: str | None = None, dropout: bool = True):
+        torch.manual_seed(0)
+        model = make().to(device).train()
+        if not dropout:
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        if compile_mode is not None:
+            compile_blocks(model, None if compile_mode == "default" else compile_mode)
+        return model
+
+    model = fresh()
+    record("eager_synced", step_time(model, data, steps, warmup, dtype), model)
+    record("eager_queued", queued_step_time(model, data, steps, warmup, dtype), model)
+    # the model's own host sync (the MLM targets' nonzero at the start of forward), replaced by the indices of
+    # this fixed batch computed once: what a collator that hands over the targets' indices would save
+    import keplm.models.baselines as baselines
+
+    rows, real = baselines.labelled_rows(data["labels"]), baselines.labelled_rows
+    baselines.labelled_rows = lambda labels: rows
+    try:
+        record("eager_queued_no_model_sync", queued_step_time(model, data, steps, warmup, dtype), model)
+    finally:
+        baselines.labelled_rows = real
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                record(f"eager_sdpa_{name}", queued_step_time(model, data, steps, warmup, dtype), model)
+        except RuntimeError as e:   # "No available kernel": this device/dtype/shape has no such backend
+            out[f"variant_eager_sdpa_{name}_tokens_per_s"] = f"unavailable: {str(e).splitlines()[0][:120]}"
+    del model
+    model = fresh(dropout=False)
+    record("eager_no_dropout", queued_step_time(model, data, steps, warmup, dtype), model)
+    modes = ["default"] + (["max-autotune-no-cudagraphs"] if autotune else [])
+    for mode in modes:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model = fresh(compile_mode=mode)
+        record(f"compiled_{mode.replace('-', '_')}_queued", queued_step_time(model, data, steps, warmup + 3, dtype),
+               model)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--gpu-batch", type=int, default=64)
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--reader", choices=["ray_data", "pyarrow"], default="ray_data", help="train.reader of the CPU runs")
+    ap.add_argument("--skip-gpu-figures", action="store_true", help="leave out the GPU part above (e.g. with --variants)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also what bounds plain MLM's tokens/s (bound_variants): BERT-base, seq 512, --gpu-batch rows on "
+                         "a GPU; on CPU (no GPU) the tiny shape, 8 x 128, which only checks the variants run")
+    ap.add_argument("--autotune", action="store_true", help="with --variants: add compile mode max-autotune-no-cudagraphs")
     args = ap.parse_args()
     import torch
 
     out: dict = {"bench": "pretrain"}
     if not args.skip_cpu:
         out.update(cpu_scaling(args.steps, args.reader))
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda and not args.skip_gpu_figures:
         out.update(gpu_figures(args.steps, args.gpu_batch))
-    else:
+    elif not cuda:
         out["gpu"] = None
+    if args.variants:
+        out.update(bound_variants(args.steps, args.gpu_batch, 512, "base", torch.device("cuda"), args.autotune) if cuda
+                   else bound_variants(args.steps, 8, 128, "tiny", torch.device("cpu"), args.autotune))
     print(json.dumps(out))
 
 

@@ -127,17 +127,17 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6.0 * n + 12.0 * layers * seq_len * hidden
 
 
-def compile_blocks(model) -> int:
-    """``Module.compile()`` every block of each ModuleList of two or more modules of one type (a transformer's
-    layers), as torchtitan does: one small graph shared by all layers, no graph breaks from the model's
-    data-dependent glue (mention counts, span widths), and state-dict keys unchanged. Returns how many."""
+def compile_blocks(model, mode: str | None = None) -> int:
+    """``Module.compile(mode=mode)`` every block of each ModuleList of two or more modules of one type (a
+    transformer's layers), as torchtitan does: one small graph shared by all layers, no graph breaks from the
+    model's data-dependent glue (mention counts, span widths), and state-dict keys unchanged. Returns how many."""
     import torch
 
     n = 0
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
             for block in module:
-                block.compile()
+                block.compile(mode=mode)
                 n += 1
     return n
 
