@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -260,11 +261,12 @@ def test_rerun_reuses_stages_and_stop_then_resume_is_exact(chain, tmp_path):
     # the same command again: every stage reused, training already finished -> same final loss
     again = pretrain(out)
     assert "reusing" in again.stderr and last_json(again)["counts"]["loss"] == last_json(full)["counts"]["loss"]
-    # a fresh run stopped after step 5, then resumed from its checkpoint (step 4) to the end
+    # a fresh run stopped after step 5 (with a checkpoint there), then resumed from it to the end
     stages = [f"--prepared={out / 'prepare'}", f"--neighbours={out / 'neighbours'}", f"--embeddings={out / 'embed-transr'}"]
     part = pretrain(tmp_path / "r", *stages, "train.stop_after_steps=5")
     assert last_json(part)["counts"]["step"] == 5
     resumed = pretrain(tmp_path / "r", *stages)
+    assert "resuming from the checkpoint of step 5" in resumed.stderr
     a, b = last_json(resumed)["counts"], last_json(full)["counts"]
     assert a["step"] == b["step"] == 12
     assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(b["loss"]))
@@ -285,9 +287,16 @@ def test_a_lost_worker_restarts_the_group_from_its_last_checkpoint(chain, tmp_pa
     assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(b["loss"]))
     # the collators' counts went on from the checkpoint's: the same as the uninterrupted run's
     assert {k: v for k, v in a.items() if k.startswith("data.")} == {k: v for k, v in b.items() if k.startswith("data.")}
+    # the restarted group started from the checkpoint, not from step 0 (a fresh start ends on the same loss too)
+    assert "resuming from the checkpoint of step 4" in r.stderr
     hist = MlflowClient(f"sqlite:///{tmp_path / 'f' / 'mlflow.db'}").get_metric_history(last_json(r)["mlflow_run_id"], "step")
     assert sorted({int(m.value) for m in hist}) == list(range(1, 13))
-    assert sum(int(m.value) in (5, 6) for m in hist) == 4                  # steps 5-6 ran twice
+    # steps 5-6 ran twice: the restarted group logged them again; the failed attempt's logs of the steps after its
+    # last checkpoint were still in MLflow's asynchronous queue when Ray stopped rank 0, so some may be missing
+    reruns = [int(m.value) for m in hist if int(m.value) in (5, 6)]
+    assert set(reruns) == {5, 6} and 2 <= len(reruns) <= 4
+    logged = Counter(int(m.value) for m in hist)
+    assert all(logged[s] == 1 for s in (1, 2, 3, 4, 7, 8, 9, 10, 11, 12)), logged
 
 
 def test_bad_config_fails_before_any_worker_with_one_line(tmp_path):
