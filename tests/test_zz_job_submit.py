@@ -46,6 +46,9 @@ def test_ray_job_submit_pretrain_logs_to_mlflow_server(tmp_path):
         run = MlflowClient(f"http://127.0.0.1:{mlf}").get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.metrics["step"] == 4
         assert {"mlm_loss", "mnem_loss", "mmem_loss", "tokens_per_s", "mfu"} <= set(run.data.metrics)
+        # every step's loss reached the server through the asynchronous queue, once
+        history = MlflowClient(f"http://127.0.0.1:{mlf}").get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4]
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
         mlflow.terminate()
