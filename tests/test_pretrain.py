@@ -299,6 +299,49 @@ def test_a_lost_worker_restarts_the_group_from_its_last_checkpoint(chain, tmp_pa
     assert all(logged[s] == 1 for s in (1, 2, 3, 4, 7, 8, 9, 10, 11, 12)), logged
 
 
+def test_the_training_key_follows_what_is_computed_not_how_it_runs():
+    from keplm import config as keplm_config
+    from keplm.models.pipeline import changed_keys, training_key
+
+    lineage = {"lineage.prepare": "manifest:a"}
+    base = training_key(keplm_config.load("configs/demo.yaml"), lineage)
+    for override in ("train.lr=0.003", "batches.k=5", "model.hidden_size=32", "train.max_steps=7", "train.num_workers=1"):
+        changed = training_key(keplm_config.load("configs/demo.yaml", [override]), lineage)
+        assert changed != base and changed_keys(base, changed) == [override.split("=")[0]]
+    for override in ("train.stop_after_steps=5", "train.compile=true", "train.cpus_per_worker=2", "train.log_every=1",
+                     "train.fault_at_step=3", "pepr.k_max=20", "tracking.experiment=x"):
+        assert training_key(keplm_config.load("configs/demo.yaml", [override]), lineage) == base, override
+    # a rerun stage reaches the key through its manifest hash
+    other = training_key(keplm_config.load("configs/demo.yaml"), {**lineage, "lineage.neighbours": "manifest:b"})
+    assert changed_keys(base, other) == ["stages.neighbours"]
+
+
+@pytest.mark.slow
+def test_a_changed_k_reruns_the_neighbours_and_trains_anew_then_resumes_that(chain, tmp_path):
+    out, _ = chain
+    base = [f"--prepared={out / 'prepare'}", "train.max_steps=2", "train.checkpoint_every=2"]
+    first = pretrain(tmp_path / "k", *base)
+    second = pretrain(tmp_path / "k", *base, "pepr.k_max=20")
+    err = second.stderr
+    assert "running stage neighbours" in err and "running stage graph" not in err
+    assert "reusing" in err and "embed-transr" in err and "running stage embed" not in err
+    anew = next(line for line in err.splitlines() if "training anew" in line)
+    assert "stages.neighbours" in anew
+    import pyarrow.parquet as pq
+
+    assert max(pq.read_table(tmp_path / "k" / "neighbours" / "neighbours.parquet").column("rank").to_pylist()) == 19
+    client = MlflowClient(f"sqlite:///{tmp_path / 'k' / 'mlflow.db'}")
+    runs = (last_json(first)["mlflow_run_id"], last_json(second)["mlflow_run_id"])
+    assert runs[0] != runs[1]
+    assert [m.step for m in client.get_metric_history(runs[1], "loss")] == [1, 2]   # from step 0, not resumed
+    assert client.get_run(runs[0]).info.status == client.get_run(runs[1]).info.status == "FINISHED"
+    # the same command again: the same training, resumed (finished) in the same run
+    third = pretrain(tmp_path / "k", *base, "pepr.k_max=20")
+    assert "training anew" not in third.stderr and "resuming from the checkpoint of step 2" in third.stderr
+    assert last_json(third)["mlflow_run_id"] == runs[1]
+    assert last_json(third)["counts"]["loss"] == last_json(second)["counts"]["loss"]
+
+
 def test_bad_config_fails_before_any_worker_with_one_line(tmp_path):
     for override, msg in (("model.kind=gpt", "model.kind"), ("train.lr=-1", "train.lr"),
                           ("tracking.uri=http://127.0.0.1:9", "cannot reach the MLflow")):

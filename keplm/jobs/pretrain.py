@@ -5,7 +5,8 @@ Stages live under ``--output DIR`` (``prepare/``, ``graph/``, ``neighbours/``, `
 section and of its inputs (files, or upstream manifests) — still matches, so a rerun skips finished stages
 and a changed K or corpus reruns only what depends on it. ``--prepared``, ``--neighbours`` and
 ``--embeddings`` use existing stage outputs instead. Rerunning the same command after an interruption
-resumes training from the latest checkpoint.
+resumes training from the latest checkpoint; a rerun whose training computes something else (``training_key``:
+the model, batches and train sections and the stages' manifests) trains anew, in a new MLflow run.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from pathlib import Path
 
 from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main
-from keplm.models.pipeline import check_lineage, ensure_stages, start_run, training_inputs
+from keplm.models.pipeline import changed_keys, check_lineage, ensure_stages, start_run, training_inputs, training_key
 from keplm.platform.errors import KeplmError
-from keplm.platform.manifest import write_manifest
+from keplm.platform.manifest import sha256_json, write_manifest
 from keplm.platform.ray_session import connect
 from keplm.platform.tracking import check_tracking
 
@@ -53,16 +54,26 @@ def run(args: argparse.Namespace) -> int:
     train_dir.mkdir(exist_ok=True)
     inputs = training_inputs(cfg, stages, train_dir)
 
+    # the training (its Ray Train run, so its checkpoints, and its MLflow run) is named by what it computes: a
+    # rerun resumes it only while that is unchanged, and a changed K, corpus, model or lr trains anew
+    key_parts = training_key(cfg, lineage)
+    key = sha256_json(key_parts)
     client = MlflowClient(uri)
     run_file = train_dir / "mlflow_run.json"
-    run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+    previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    run_id = previous.get("run_id") if previous.get("key") == key and previous.get("tracking_uri") == uri else None
+    if previous and previous.get("key") != key:
+        changed = changed_keys(previous.get("key_parts", {}), key_parts)
+        log.warning("pretrain: %s was trained on another config or inputs (%s): training anew in a new MLflow run "
+                    "(the earlier checkpoints stay where they were)", train_dir,
+                    ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""))
     if run_id is None:
         run_id = start_run(client, cfg, f"pretrain-{cfg.model.kind}",
-                           {"keplm.job": "pretrain", "keplm.model": cfg.model.kind, **lineage})
-        run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+                           {"keplm.job": "pretrain", "keplm.model": cfg.model.kind, "keplm.training_key": key, **lineage})
+        run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "key": key, "key_parts": key_parts}))
     try:
         result = run_training(cfg.train, inputs["files"], build_for_worker, inputs["context"], train_dir, uri, run_id,
-                              cfg.batches.max_seq_len, val_files=inputs["val_files"])
+                              cfg.batches.max_seq_len, val_files=inputs["val_files"], name=f"pretrain-{key[:16]}")
     except Exception as exc:  # noqa: BLE001
         client.set_terminated(run_id, status="FAILED")
         raise KeplmError(f"training failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

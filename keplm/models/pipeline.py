@@ -155,6 +155,30 @@ def training_inputs(cfg, stages: dict[str, Path | None], train_dir: Path) -> dic
     return {"files": files, "val_files": val_files, "context": context}
 
 
+# train.* keys that say how a run is carried out, not what it computes: they may change between two invocations
+# on one output directory (a resume on other hardware, a test's stop or fault) and it is still the same training
+TRAIN_RUN_CONTROL = frozenset({
+    "use_gpu", "cpus_per_worker", "gpus_per_worker", "checkpoint_every", "keep_checkpoints", "max_failures",
+    "log_every", "storage_path", "peak_tflops", "stop_after_steps", "pause_at_steps", "fault_at_step", "compile",
+    "deterministic", "prefetch_batches", "read_cpus", "read_concurrency"})
+
+
+def training_key(cfg, lineage: dict[str, str]) -> dict:
+    """What a training computes: the model, batches and train sections (less TRAIN_RUN_CONTROL) and the stages it
+    reads (their manifest hashes, ``check_lineage``'s tags). A rerun on the same output resumes the training only
+    while this is unchanged; a changed K, corpus, model or learning rate starts a new one."""
+    dump = dump_config(cfg)
+    train = {k: v for k, v in dump["train"].items() if k not in TRAIN_RUN_CONTROL}
+    stages = {k.removeprefix("lineage."): v for k, v in lineage.items()}
+    return {"model": dump["model"], "batches": dump["batches"], "train": train, "stages": stages}
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """The dotted keys whose values differ between two nested dicts (either side may lack a key)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def start_run(client, cfg, run_name: str, tags: dict[str, str]) -> str:
     """An MLflow run with the resolved config as flattened params; -> run id."""
     from mlflow.entities import Param
