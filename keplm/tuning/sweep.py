@@ -1,8 +1,10 @@
 """The sweep / ablation driver: stages once, Ray Tune over trials (OptunaSearch + ASHA, or a grid),
 MLflow parent + child runs, the best config as YAML that ``keplm pretrain`` accepts unchanged.
 
-Resumable: the Tune experiment lives in ``OUT/tune/<job>``; running the same command again restores it
-with ``Tuner.restore`` (finished trials are kept, unfinished ones resumed) and reuses the parent run.
+Resumable: the Tune experiment lives in ``OUT/tune/<job>-<key>`` (``sweep_key``: the config less ``ray`` and the
+train keys that only say how runs are carried out); running the same command again restores it with
+``Tuner.restore`` (finished trials are kept, unfinished ones resumed) and reuses the parent run, while a changed
+config on the same output is a new sweep (a new experiment and parent run; the earlier ones are kept).
 A trial that raises is recorded (Tune error, FAILED MLflow run) and the others go on. An interrupted
 sweep (Ctrl-C / SIGINT, SIGUSR1: Tune saves its state and returns) is recorded as such — parent and
 unfinished trials KILLED and tagged ``keplm.interrupted``, no best config — and the job exits 130.
@@ -22,6 +24,7 @@ import yaml
 
 from keplm.platform.config import dump_config, flatten
 from keplm.platform.errors import KeplmError
+from keplm.platform.manifest import sha256_json
 from keplm.tuning.space import ABLATION_GRIDS, merge, nest
 from keplm.tuning.trainable import pretrain_trial, trial_overrides
 
@@ -38,17 +41,34 @@ def kinds_in(cfg, space_points: list[dict[str, Any]]) -> set[str]:
     return {p.get("model.kind", cfg.model.kind) for p in space_points} | {cfg.model.kind}
 
 
-def _parent_run(client, cfg, out: Path, job: str, params: dict) -> str:
-    from keplm.models.pipeline import start_run
+def sweep_key(cfg) -> dict:
+    """What a sweep computes: the whole config less ``ray`` and the train keys that only say how a run is carried
+    out (``TRAIN_RUN_CONTROL``). A rerun on the same output restores the Tune experiment only while this is
+    unchanged; another space, sample count, scheduler or base config is a new sweep."""
+    from keplm.models.pipeline import TRAIN_RUN_CONTROL
+
+    dump = {k: v for k, v in dump_config(cfg).items() if k != "ray"}
+    dump["train"] = {k: v for k, v in dump["train"].items() if k not in TRAIN_RUN_CONTROL}
+    return dump
+
+
+def _parent_run(client, cfg, out: Path, job: str, params: dict, key: str, key_parts: dict) -> str:
+    from keplm.models.pipeline import changed_keys, start_run
 
     marker = out / "mlflow_parent.json"
-    if marker.is_file():
-        return json.loads(marker.read_text())["run_id"]
-    run_id = start_run(client, cfg, f"{job}-{out.name}", {"keplm.job": job})
+    previous = json.loads(marker.read_text()) if marker.is_file() else {}
+    if previous.get("key") == key:
+        return previous["run_id"]
+    if previous:
+        changed = changed_keys(previous.get("key_parts", {}), key_parts)
+        log.warning("%s: %s holds a %s of another config (%s): sweeping anew in a new parent run (the earlier trials "
+                    "stay in its Tune experiment and MLflow runs)", job, out, job,
+                    ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""))
+    run_id = start_run(client, cfg, f"{job}-{out.name}", {"keplm.job": job, "keplm.sweep_key": key})
     from mlflow.entities import Param
 
     client.log_batch(run_id, params=[Param(f"tune.{k}", str(v)[:6000]) for k, v in flatten(params).items()])
-    marker.write_text(json.dumps({"run_id": run_id}))
+    marker.write_text(json.dumps({"run_id": run_id, "key": key, "key_parts": key_parts}))
     return run_id
 
 
@@ -66,8 +86,11 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
         st = ensure_stages(cfg, out / "stages", kind=kind)
         stages[kind] = {k: (str(v.resolve()) if v else None) for k, v in st.items()}
     client = MlflowClient(tracking_uri)
+    key_parts = sweep_key(cfg)
+    key = sha256_json({"job": job, **key_parts})
     parent = _parent_run(client, cfg, out, job, {"param_space": {k: str(v) for k, v in param_space.items()},
-                                                 "metric": metric, "mode": mode, "num_samples": num_samples})
+                                                 "metric": metric, "mode": mode, "num_samples": num_samples},
+                         key, key_parts)
     base = dump_config(cfg)
     shared = {"base": base, "stages": stages, "tracking_uri": tracking_uri, "parent_run": parent, "out": str(out.resolve()),
               "job": job, "model": model, "objective": objective, "proxy_task": proxy_task,
@@ -78,7 +101,8 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
     # the trial function only waits on its Ray Train run; the Train workers hold the CPUs/GPUs
     trainable = tune.with_resources(tune.with_parameters(pretrain_trial, shared=shared), {"cpu": 0.01})
     storage = str((out / "tune").resolve())
-    path = os.path.join(storage, job)
+    name = f"{job}-{key[:16]}"   # one Tune experiment per sweep key: a changed sweep never restores another's
+    path = os.path.join(storage, name)
     if tune.Tuner.can_restore(path):
         log.warning("%s: resuming the Tune experiment in %s", job, path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=False, restart_errored=False,
@@ -90,7 +114,7 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
                                         scheduler=scheduler,
                                         # a sweep's searcher is already a ConcurrencyLimiter (SHA moves its cap)
                                         max_concurrent_trials=None if search_alg is not None else max_concurrent),
-            run_config=tune.RunConfig(name=job, storage_path=storage,
+            run_config=tune.RunConfig(name=name, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
     grid = tuner.fit()
     expected_trials = num_samples * math.prod(len(v["grid_search"]) for v in param_space.values()
