@@ -133,11 +133,10 @@ def queued_step_time(model, data, steps: int, warmup: int, dtype) -> float:
 def bound_variants(steps: int, batch_size: int, seq: int, shape_name: str, device, autotune: bool) -> dict:
     """What bounds plain MLM's tokens/s, one change at a time against the eager step as bench_models times it
     (synchronised every step): the steps queued back to back (the host's share), also without the model's own
-sync on its MLM targets, each SDPA backend forced
-    (flash, cuDNN, memory-efficient; 'unavailable' where the device has none), dropout off (p = 0 in every
-    nn.Dropout, SDPA's included), the encoder layers compiled as ``train.compile`` does, and, with
-    ``autotune``, compiled with ``mode="max-autotune-no-cudagraphs"`` (Inductor's GEMM templates with fused
-    epilogues; minutes of autotuning). Each figure is tokens/s and MFU."""
+    sync on its MLM targets, each SDPA backend forced (flash, cuDNN, memory-efficient; 'unavailable' where the
+    device has none), dropout off (p = 0 in every nn.Dropout, SDPA's included), the encoder layers compiled as
+    ``train.compile`` does, and, with ``autotune``, compiled with ``mode="max-autotune-no-cudagraphs"`` (Inductor's
+    GEMM templates with fused epilogues; minutes of autotuning). Each figure is tokens/s and MFU."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

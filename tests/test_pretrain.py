@@ -314,6 +314,11 @@ def test_the_training_key_follows_what_is_computed_not_how_it_runs():
     # a rerun stage reaches the key through its manifest hash
     other = training_key(keplm_config.load("configs/demo.yaml"), {**lineage, "lineage.neighbours": "manifest:b"})
     assert changed_keys(base, other) == ["stages.neighbours"]
+    # the warning's text: nothing without a marker or with the same key, else the changed keys
+    from keplm.models.pipeline import key_change
+
+    assert key_change({}, "k1", other) is None and key_change({"key": "k1", "key_parts": base}, "k1", other) is None
+    assert key_change({"key": "k0", "key_parts": base}, "k1", other) == "stages.neighbours"
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main
-from keplm.models.pipeline import changed_keys, check_lineage, ensure_stages, start_run, training_inputs, training_key
+from keplm.models.pipeline import check_lineage, ensure_stages, key_change, start_run, training_inputs, training_key
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import sha256_json, write_manifest
 from keplm.platform.ray_session import connect
@@ -62,11 +62,10 @@ def run(args: argparse.Namespace) -> int:
     run_file = train_dir / "mlflow_run.json"
     previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
     run_id = previous.get("run_id") if previous.get("key") == key and previous.get("tracking_uri") == uri else None
-    if previous and previous.get("key") != key:
-        changed = changed_keys(previous.get("key_parts", {}), key_parts)
+    changed = key_change(previous, key, key_parts)
+    if changed:
         log.warning("pretrain: %s was trained on another config or inputs (%s): training anew in a new MLflow run "
-                    "(the earlier checkpoints stay where they were)", train_dir,
-                    ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""))
+                    "(the earlier checkpoints stay where they were)", train_dir, changed)
     if run_id is None:
         run_id = start_run(client, cfg, f"pretrain-{cfg.model.kind}",
                            {"keplm.job": "pretrain", "keplm.model": cfg.model.kind, "keplm.training_key": key, **lineage})

@@ -163,20 +163,33 @@ TRAIN_RUN_CONTROL = frozenset({
     "deterministic", "prefetch_batches", "read_cpus", "read_concurrency"})
 
 
+def computed_train_section(dump: dict) -> dict:
+    """A config dump's train section less TRAIN_RUN_CONTROL."""
+    return {k: v for k, v in dump["train"].items() if k not in TRAIN_RUN_CONTROL}
+
+
 def training_key(cfg, lineage: dict[str, str]) -> dict:
     """What a training computes: the model, batches and train sections (less TRAIN_RUN_CONTROL) and the stages it
     reads (their manifest hashes, ``check_lineage``'s tags). A rerun on the same output resumes the training only
     while this is unchanged; a changed K, corpus, model or learning rate starts a new one."""
     dump = dump_config(cfg)
-    train = {k: v for k, v in dump["train"].items() if k not in TRAIN_RUN_CONTROL}
     stages = {k.removeprefix("lineage."): v for k, v in lineage.items()}
-    return {"model": dump["model"], "batches": dump["batches"], "train": train, "stages": stages}
+    return {"model": dump["model"], "batches": dump["batches"], "train": computed_train_section(dump), "stages": stages}
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
     """The dotted keys whose values differ between two nested dicts (either side may lack a key)."""
     a, b = flatten(old), flatten(new)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def key_change(previous: dict, key: str, key_parts: dict) -> str | None:
+    """For a marker ``previous`` ({} when absent) written with its ``key`` and ``key_parts``: None when it is
+    absent or has ``key``, else the changed dotted keys as one line (the first 8 named)."""
+    if not previous or previous.get("key") == key:
+        return None
+    changed = changed_keys(previous.get("key_parts", {}), key_parts)
+    return ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
 
 
 def start_run(client, cfg, run_name: str, tags: dict[str, str]) -> str:

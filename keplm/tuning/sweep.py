@@ -45,25 +45,23 @@ def sweep_key(cfg) -> dict:
     """What a sweep computes: the whole config less ``ray`` and the train keys that only say how a run is carried
     out (``TRAIN_RUN_CONTROL``). A rerun on the same output restores the Tune experiment only while this is
     unchanged; another space, sample count, scheduler or base config is a new sweep."""
-    from keplm.models.pipeline import TRAIN_RUN_CONTROL
+    from keplm.models.pipeline import computed_train_section
 
     dump = {k: v for k, v in dump_config(cfg).items() if k != "ray"}
-    dump["train"] = {k: v for k, v in dump["train"].items() if k not in TRAIN_RUN_CONTROL}
-    return dump
+    return {**dump, "train": computed_train_section(dump)}
 
 
 def _parent_run(client, cfg, out: Path, job: str, params: dict, key: str, key_parts: dict) -> str:
-    from keplm.models.pipeline import changed_keys, start_run
+    from keplm.models.pipeline import key_change, start_run
 
     marker = out / "mlflow_parent.json"
     previous = json.loads(marker.read_text()) if marker.is_file() else {}
     if previous.get("key") == key:
         return previous["run_id"]
-    if previous:
-        changed = changed_keys(previous.get("key_parts", {}), key_parts)
+    changed = key_change(previous, key, key_parts)
+    if changed:
         log.warning("%s: %s holds a %s of another config (%s): sweeping anew in a new parent run (the earlier trials "
-                    "stay in its Tune experiment and MLflow runs)", job, out, job,
-                    ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""))
+                    "stay in its Tune experiment and MLflow runs)", job, out, job, changed)
     run_id = start_run(client, cfg, f"{job}-{out.name}", {"keplm.job": job, "keplm.sweep_key": key})
     from mlflow.entities import Param
 
