@@ -253,6 +253,9 @@ def test_two_worker_run_trains_logs_and_checkpoints(chain):
     assert [(m.step, m.value) for m in samples] == [(4, 32), (8, 64), (12, 96)]
     assert res["counts"]["data.samples"] == 96 and "data.tokens_cut_by_length" in res["counts"]
     assert client.list_artifacts(run.info.run_id, "model")
+    # the local Ray has no dashboard, so no state API: Ray Train's placement-group cleaner, which polls it
+    # every second, stays quiet instead of warning once a second through the whole run
+    assert "Failed to query Ray Train Controller actor state" not in r.stderr
 
 
 @pytest.mark.slow

@@ -22,6 +22,18 @@ class RayConfig(Section):
     show_progress: bool = False
 
 
+QUIET_HOOK = f"{__name__}.quiet_state_api_pollers"
+# Ray Train's cleaner of a crashed controller's placement group; it polls the state API, which a local Ray
+# without a dashboard does not serve. A controller that ends normally removes its placement group itself.
+STATE_API_POLLERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_state_api_pollers() -> None:
+    """Each Ray worker of a local session without a dashboard runs this at start-up (``worker_process_setup_hook``)."""
+    for name in STATE_API_POLLERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
     import ray
 
@@ -38,6 +50,9 @@ def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
             object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
             include_dashboard=cfg.include_dashboard,
             log_to_driver=True,
+            # without a dashboard Ray's state API is absent, and Ray Train's PlacementGroupCleaner, which asks
+            # it every second whether the train controller still lives, logs a warning each time it cannot
+            runtime_env=None if cfg.include_dashboard else {"worker_process_setup_hook": QUIET_HOOK},
         )
     from ray.data import DataContext
 

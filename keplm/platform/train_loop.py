@@ -283,7 +283,7 @@ def shard_dataset(files: list[str], seed: int, read_cpus: float, read_concurrenc
     ordered = epoch_files(files, 0, seed)
     paths = ray.data.from_items([{"path": str(Path(f).resolve())} for f in ordered], override_num_blocks=len(ordered))
     rows = paths.map_batches(_read_shard_files, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus,
-                             concurrency=read_concurrency)
+                             compute=ray.data.TaskPoolStrategy(size=read_concurrency))
     # the split deals out whole blocks, so the block size decides which rows each worker gets: fixed
     # here, not taken from the caller's DataContext, which an earlier stage may have changed
     rows.context.target_max_block_size = TRAIN_BLOCK_BYTES
