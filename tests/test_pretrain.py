@@ -275,6 +275,15 @@ def test_rerun_reuses_stages_and_stop_then_resume_is_exact(chain, tmp_path):
     assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(b["loss"]))
     # the collators' counts went on from the checkpoint's: the same as the uninterrupted run's
     assert {k: v for k, v in a.items() if k.startswith("data.")} == {k: v for k, v in b.items() if k.startswith("data.")}
+    # one MLflow run; its params keep the first invocation's stop_after_steps, the second's value is in a tag
+    run_id = last_json(part)["mlflow_run_id"]
+    assert last_json(resumed)["mlflow_run_id"] == run_id and "keeps its first invocation's params" in resumed.stderr
+    run = MlflowClient(f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}").get_run(run_id)
+    assert run.data.params["train.stop_after_steps"] == "5" and run.data.tags["keplm.invocations"] == "2"
+    assert json.loads(run.data.tags["keplm.invocation.2"]) == {"train.stop_after_steps": ""}
+    # the same command again changed nothing: counted, no tag
+    tags = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(last_json(full)["mlflow_run_id"]).data.tags
+    assert tags["keplm.invocations"] == "2" and "keplm.invocation.2" not in tags
 
 
 @pytest.mark.slow
@@ -348,6 +357,28 @@ def test_a_changed_k_reruns_the_neighbours_and_trains_anew_then_resumes_that(cha
     assert "training anew" not in third.stderr and "resuming from the checkpoint of step 2" in third.stderr
     assert last_json(third)["mlflow_run_id"] == runs[1]
     assert last_json(third)["counts"]["loss"] == last_json(second)["counts"]["loss"]
+    # the same training logged to another store: resumed, in a new run there, and the log says why
+    fourth = pretrain(tmp_path / "k", *base, "pepr.k_max=20", f"tracking.uri=sqlite:///{tmp_path / 'other.db'}")
+    assert "training anew" not in fourth.stderr and "resuming from the checkpoint of step 2" in fourth.stderr
+    moved = next(line for line in fourth.stderr.splitlines() if "logging to a new run" in line)
+    assert runs[1] in moved and str(tmp_path / "other.db") in moved
+    assert MlflowClient(f"sqlite:///{tmp_path / 'other.db'}").get_run(last_json(fourth)["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_a_resumed_run_counts_its_invocations_and_tags_the_values_its_params_cannot_take(tmp_path):
+    from keplm import config as keplm_config
+    from keplm.models.pipeline import record_invocation, start_run
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    first = keplm_config.load("configs/demo.yaml", ["train.stop_after_steps=5", "tracking.experiment=e"])
+    run_id = start_run(client, first, "r", {})
+    assert record_invocation(client, run_id, first) == (2, {})
+    second = keplm_config.load("configs/demo.yaml", ["train.stop_after_steps=9", "train.log_every=3", "tracking.experiment=e"])
+    n, changed = record_invocation(client, run_id, second)
+    assert n == 3 and changed == {"train.log_every": "3", "train.stop_after_steps": "9"}
+    run = client.get_run(run_id)
+    assert run.data.params["train.stop_after_steps"] == "5" and run.data.tags["keplm.invocations"] == "3"
+    assert "keplm.invocation.2" not in run.data.tags and json.loads(run.data.tags["keplm.invocation.3"]) == changed
 
 
 def test_bad_config_fails_before_any_worker_with_one_line(tmp_path):

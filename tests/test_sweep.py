@@ -49,6 +49,23 @@ def test_space_accepts_the_papers_knobs_and_refuses_stage_keys():
             config.load(ROOT / "configs" / "sweep-demo.yaml", [bad])
 
 
+def test_a_rerun_reuses_and_counts_the_parent_run_or_starts_one_in_another_store(tmp_path, caplog):
+    from keplm.tuning.sweep import _parent_run, sweep_key
+
+    cfg = config.load(ROOT / "configs" / "sweep-demo.yaml")
+    a, b = (f"sqlite:///{tmp_path / name}.db" for name in ("a", "b"))
+    parts = sweep_key(cfg)
+    first = _parent_run(MlflowClient(a), cfg, tmp_path, "sweep", {"metric": "loss"}, "k", parts, a)
+    assert _parent_run(MlflowClient(a), cfg, tmp_path, "sweep", {"metric": "loss"}, "k", parts, a) == first
+    assert MlflowClient(a).get_run(first).data.tags["keplm.invocations"] == "2"
+    # the same sweep, logged elsewhere (MLFLOW_TRACKING_URI is not part of the key): a new parent run there
+    with caplog.at_level("WARNING"):
+        moved = _parent_run(MlflowClient(b), cfg, tmp_path, "sweep", {"metric": "loss"}, "k", parts, b)
+    assert moved != first and first in caplog.text and a in caplog.text
+    assert MlflowClient(b).get_run(moved).data.params["tune.metric"] == "loss"
+    assert json.loads((tmp_path / "mlflow_parent.json").read_text())["tracking_uri"] == b
+
+
 def test_ablation_overrides_set_variant_and_seed():
     overrides, tags = trial_overrides({"variant": "-know_loss", "seed": 1}, "smedbert")
     assert overrides == {"model.use_knowledge_loss": False, "train.seed": 1, "batches.seed": 1}
@@ -270,6 +287,8 @@ def test_rerunning_a_finished_sweep_restores_it_and_compare_plots_it(demo_sweep,
     again = keplm("sweep", "--config", cfg, "--output", out)
     assert "resuming the Tune experiment" in again.stderr
     assert last_json(again)["parent_run"] == last_json(r)["parent_run"] and last_json(again)["trials"] == 4
+    tags = MlflowClient(uri).get_run(last_json(r)["parent_run"]).data.tags
+    assert tags["keplm.invocations"] == "2" and "keplm.invocation.2" not in tags     # counted; nothing differed
     c = keplm("compare", "--experiment", "sweep-test", "--tracking-uri", uri, "--output", tmp_path / "cmp")
     res = last_json(c)
     assert res["job"] == "sweep" and res["failed_left_out"] == last_json(r)["failed"]

@@ -192,6 +192,26 @@ def key_change(previous: dict, key: str, key_parts: dict) -> str | None:
     return ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
 
 
+def config_params(cfg) -> dict[str, str]:
+    """The resolved config as MLflow params: dotted keys, values as strings (MLflow's 6000-character cap)."""
+    return {k: ("" if v is None else str(v))[:6000] for k, v in flatten(dump_config(cfg)).items()}
+
+
+def record_invocation(client, run_id: str, cfg) -> tuple[int, dict[str, str]]:
+    """A run resumed by another invocation of its job: MLflow params cannot change, so they keep the first
+    invocation's values; the keys whose values this invocation changed (run control such as
+    ``train.stop_after_steps``: what is computed is pinned by the run's key) go to the tag
+    ``keplm.invocation.N`` as JSON, and ``keplm.invocations`` counts the invocations. -> (N, changed)."""
+    run = client.get_run(run_id)
+    n = int(run.data.tags.get("keplm.invocations", "1")) + 1
+    logged, now = run.data.params, config_params(cfg)
+    changed = {k: v for k, v in sorted(now.items()) if logged.get(k) != v}
+    client.set_tag(run_id, "keplm.invocations", str(n))
+    if changed:
+        client.set_tag(run_id, f"keplm.invocation.{n}", json.dumps(changed)[:8000])
+    return n, changed
+
+
 def start_run(client, cfg, run_name: str, tags: dict[str, str]) -> str:
     """An MLflow run with the resolved config as flattened params; -> run id."""
     from mlflow.entities import Param
@@ -199,8 +219,7 @@ def start_run(client, cfg, run_name: str, tags: dict[str, str]) -> str:
     exp = client.get_experiment_by_name(cfg.tracking.experiment) or client.get_experiment(
         client.create_experiment(cfg.tracking.experiment))
     run_id = client.create_run(exp.experiment_id, run_name=run_name, tags=tags).info.run_id
-    params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(dump_config(cfg)).items()}
-    items = [Param(k, v) for k, v in params.items()]
+    items = [Param(k, v) for k, v in config_params(cfg).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
     return run_id

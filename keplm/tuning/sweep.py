@@ -51,22 +51,29 @@ def sweep_key(cfg) -> dict:
     return {**dump, "train": computed_train_section(dump)}
 
 
-def _parent_run(client, cfg, out: Path, job: str, params: dict, key: str, key_parts: dict) -> str:
-    from keplm.models.pipeline import key_change, start_run
+def _parent_run(client, cfg, out: Path, job: str, params: dict, key: str, key_parts: dict, tracking_uri: str) -> str:
+    from keplm.models.pipeline import key_change, record_invocation, start_run
 
     marker = out / "mlflow_parent.json"
     previous = json.loads(marker.read_text()) if marker.is_file() else {}
-    if previous.get("key") == key:
+    if previous.get("key") == key and previous.get("tracking_uri", tracking_uri) == tracking_uri:
+        n, differ = record_invocation(client, previous["run_id"], cfg)
+        if differ:
+            log.warning("%s: parent run %s keeps its first invocation's params; invocation %d's other values (%s) "
+                        "are in its tag keplm.invocation.%d", job, previous["run_id"], n, ", ".join(list(differ)[:8]), n)
         return previous["run_id"]
     changed = key_change(previous, key, key_parts)
     if changed:
         log.warning("%s: %s holds a %s of another config (%s): sweeping anew in a new parent run (the earlier trials "
                     "stay in its Tune experiment and MLflow runs)", job, out, job, changed)
+    elif previous.get("key") == key:
+        log.warning("%s: the %s's parent run %s is in %s: logging to a new parent run in %s (the trials that resume "
+                    "start new child runs there)", job, job, previous["run_id"], previous["tracking_uri"], tracking_uri)
     run_id = start_run(client, cfg, f"{job}-{out.name}", {"keplm.job": job, "keplm.sweep_key": key})
     from mlflow.entities import Param
 
     client.log_batch(run_id, params=[Param(f"tune.{k}", str(v)[:6000]) for k, v in flatten(params).items()])
-    marker.write_text(json.dumps({"run_id": run_id, "key": key, "key_parts": key_parts}))
+    marker.write_text(json.dumps({"run_id": run_id, "key": key, "key_parts": key_parts, "tracking_uri": tracking_uri}))
     return run_id
 
 
@@ -88,7 +95,7 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
     key = sha256_json({"job": job, **key_parts})
     parent = _parent_run(client, cfg, out, job, {"param_space": {k: str(v) for k, v in param_space.items()},
                                                  "metric": metric, "mode": mode, "num_samples": num_samples},
-                         key, key_parts)
+                         key, key_parts, tracking_uri)
     base = dump_config(cfg)
     shared = {"base": base, "stages": stages, "tracking_uri": tracking_uri, "parent_run": parent, "out": str(out.resolve()),
               "job": job, "model": model, "objective": objective, "proxy_task": proxy_task,
