@@ -7,7 +7,10 @@ CPU part: the real job (`python -m keplm.jobs.pretrain`, the demo corpus prepare
 hidden 256 x 4 layers, seq 128, batch 16 per worker), each worker one thread (`cpus_per_worker` 0.9, so
 Ray gives it OMP_NUM_THREADS=1). tokens/s is the median of the per-step `tokens_per_s` that rank 0 logs to
 MLflow (all workers' tokens), leaving out the first 3 steps (start-up); MFU as the job logs it
-(model FLOPs/token = 6·N + 12·L·T·d, over each worker's measured fp32 matmul rate).
+(model FLOPs/token = 6·N + 12·L·T·d, over each worker's measured fp32 matmul rate). Its baseline in the same
+run, ``plain_ddp_speedup``: the same training step in one process vs two under plain torch DDP (no Ray, data
+pipeline or tracking), the ceiling of the job's 1 -> 2 figure on this host; ``cpu_speedup_of_plain_ddp`` is the
+job's share of it.
 
 GPU part: one process, no Ray (what one worker does): forward + backward + fused AdamW step of keplm's
 plain MLM model and of SMedBERT at BERT-base shape, seq 512, bf16 autocast, on synthetic batches shaped as
@@ -65,6 +68,65 @@ def cpu_scaling(steps: int, reader: str) -> dict:
     out["cpu_speedup_1_to_2"] = round(out["cpu_tokens_per_s_2_worker"] / out["cpu_tokens_per_s_1_worker"], 3)
     out["target_cpu_speedup"] = 1.7
     return out
+
+
+def _ddp_worker(rank: int, world: int, port: int, steps: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from keplm.models import KeplmBertConfig, KeplmBertForPreTraining
+
+    torch.set_num_threads(1)   # as Ray gives a worker with cpus_per_worker 0.9
+    torch.manual_seed(0)
+    model = KeplmBertForPreTraining(KeplmBertConfig(vocab_size=3000, hidden_size=256, num_hidden_layers=4,
+                                                    num_attention_heads=4, intermediate_size=1024))
+    if world > 1:   # Ray's prepare_model wraps in DDP only from 2 workers on, with the job's find_unused_parameters
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(5, 3000, (16, 128), generator=g)
+    labels = torch.where(torch.rand(16, 128, generator=g) < 0.15, ids, -100)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                 sop_label=torch.randint(0, 2, (16,), generator=g))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    if world > 1:
+        dist.destroy_process_group()
+    out.put(statistics.median(times[3:]))
+
+
+def plain_ddp_speedup(steps: int, rounds: int = 3) -> float:
+    """The same step as the CPU runs (the plain MLM model at their shape, 16 x 128 per worker, one thread per
+    worker, AdamW, clipping) in one process, then in two under torch DDP over gloo — no Ray, no data pipeline,
+    no tracking: the 1 -> 2 ceiling of the job's training step on this host. Median over ``rounds``
+    (interleaved) of 2 * t(one) / t(two), each t the median step time after 3 warm-up steps."""
+    import multiprocessing as mp
+    import socket
+
+    ctx = mp.get_context("spawn")
+    ratios = []
+    for _ in range(rounds):
+        times = {}
+        for world in (1, 2):
+            with socket.socket() as free:
+                free.bind(("127.0.0.1", 0))
+                port = free.getsockname()[1]
+            out = ctx.Queue()
+            procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, steps, out)) for r in range(world)]
+            for p in procs:
+                p.start()
+            times[world] = max(out.get() for _ in procs)
+            for p in procs:
+                p.join()
+        ratios.append(2 * times[1] / times[2])
+    return round(statistics.median(ratios), 3)
 
 
 def gpu_figures(steps: int, batch_size: int) -> dict:
@@ -219,6 +281,8 @@ def main() -> None:
     out: dict = {"bench": "pretrain"}
     if not args.skip_cpu:
         out.update(cpu_scaling(args.steps, args.reader))
+        out["cpu_plain_ddp_speedup_1_to_2"] = plain_ddp_speedup(args.steps)
+        out["cpu_speedup_of_plain_ddp"] = round(out["cpu_speedup_1_to_2"] / out["cpu_plain_ddp_speedup_1_to_2"], 3)
     cuda = torch.cuda.is_available()
     if cuda and not args.skip_gpu_figures:
         out.update(gpu_figures(args.steps, args.gpu_batch))
