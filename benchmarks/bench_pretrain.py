@@ -70,7 +70,7 @@ def cpu_scaling(steps: int, reader: str) -> dict:
     return out
 
 
-def _ddp_worker(rank: int, world: int, port: int, steps: int, out) -> None:
+def _ddp_worker(rank: int, world: int, port: int, barrier, out, steps: int) -> None:
     import torch
     import torch.distributed as dist
 
@@ -107,26 +107,10 @@ def plain_ddp_speedup(steps: int, rounds: int = 3) -> float:
     worker, AdamW, clipping) in one process, then in two under torch DDP over gloo — no Ray, no data pipeline,
     no tracking: the 1 -> 2 ceiling of the job's training step on this host. Median over ``rounds``
     (interleaved) of 2 * t(one) / t(two), each t the median step time after 3 warm-up steps."""
-    import multiprocessing as mp
-    import socket
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from host_scaling import one_vs_two_processes
 
-    ctx = mp.get_context("spawn")
-    ratios = []
-    for _ in range(rounds):
-        times = {}
-        for world in (1, 2):
-            with socket.socket() as free:
-                free.bind(("127.0.0.1", 0))
-                port = free.getsockname()[1]
-            out = ctx.Queue()
-            procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, steps, out)) for r in range(world)]
-            for p in procs:
-                p.start()
-            times[world] = max(out.get() for _ in procs)
-            for p in procs:
-                p.join()
-        ratios.append(2 * times[1] / times[2])
-    return round(statistics.median(ratios), 3)
+    return round(one_vs_two_processes(_ddp_worker, (steps,), rounds), 3)
 
 
 def gpu_figures(steps: int, batch_size: int) -> dict:

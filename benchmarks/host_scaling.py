@@ -13,7 +13,7 @@ import statistics
 import time
 
 
-def _work(barrier, out, n: int, nnz: int, reps: int) -> None:
+def _work(rank: int, world: int, port: int, barrier, out, n: int, nnz: int, reps: int) -> None:
     import numpy as np   # scipy's CSR product runs on one thread; no BLAS thread pool is involved
     import scipy.sparse as sp
 
@@ -28,22 +28,34 @@ def _work(barrier, out, n: int, nnz: int, reps: int) -> None:
     out.put(time.perf_counter() - t)
 
 
-def two_process_speedup(n: int = 25_000, nnz: int = 550_000, reps: int = 400, rounds: int = 3) -> float:
-    """Median over ``rounds`` (one and two processes interleaved) of 2 * t(one) / t(two)."""
+def one_vs_two_processes(worker, args: tuple, rounds: int = 3) -> float:
+    """Median over ``rounds`` (one and two processes interleaved) of 2 * t(one) / t(two, the slower of them).
+    ``worker(rank, world, port, barrier, out, *args)`` runs in a spawned process and puts its seconds on ``out``;
+    ``port`` is a free local TCP port (for a process group), ``barrier`` releases the processes together."""
+    import socket
+
     ctx = mp.get_context("spawn")   # no fork of a process that may hold Ray's or torch's threads
     ratios = []
     for _ in range(rounds):
         times = {}
-        for procs in (1, 2):
-            barrier, out = ctx.Barrier(procs), ctx.Queue()
-            ps = [ctx.Process(target=_work, args=(barrier, out, n, nnz, reps)) for _ in range(procs)]
+        for world in (1, 2):
+            with socket.socket() as free:
+                free.bind(("127.0.0.1", 0))
+                port = free.getsockname()[1]
+            barrier, out = ctx.Barrier(world), ctx.Queue()
+            ps = [ctx.Process(target=worker, args=(rank, world, port, barrier, out, *args)) for rank in range(world)]
             for p in ps:
                 p.start()
-            times[procs] = max(out.get() for _ in ps)
+            times[world] = max(out.get() for _ in ps)
             for p in ps:
                 p.join()
         ratios.append(2 * times[1] / times[2])
-    return round(statistics.median(ratios), 2)
+    return statistics.median(ratios)
+
+
+def two_process_speedup(n: int = 25_000, nnz: int = 550_000, reps: int = 400, rounds: int = 3) -> float:
+    """The sparse products' 1 -> 2 process speedup (``one_vs_two_processes``)."""
+    return round(one_vs_two_processes(_work, (n, nnz, reps), rounds), 2)
 
 
 if __name__ == "__main__":
