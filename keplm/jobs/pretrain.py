@@ -20,8 +20,7 @@ from pathlib import Path
 
 from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main
-from keplm.models.pipeline import (check_lineage, ensure_stages, key_change, record_invocation, start_run, training_inputs,
-                                   training_key)
+from keplm.models.pipeline import check_lineage, ensure_stages, keyed_run, start_run, training_inputs, training_key
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import sha256_json, write_manifest
 from keplm.platform.ray_session import connect
@@ -60,26 +59,12 @@ def run(args: argparse.Namespace) -> int:
     key_parts = training_key(cfg, lineage)
     key = sha256_json(key_parts)
     client = MlflowClient(uri)
-    run_file = train_dir / "mlflow_run.json"
-    previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    run_id = previous.get("run_id") if previous.get("key") == key and previous.get("tracking_uri") == uri else None
-    changed = key_change(previous, key, key_parts)
-    if changed:
-        log.warning("pretrain: %s was trained on another config or inputs (%s): training anew in a new MLflow run "
-                    "(the earlier checkpoints stay where they were)", train_dir, changed)
-    elif previous.get("key") == key and run_id is None:
-        log.warning("pretrain: the training goes on from its checkpoints, but its MLflow run %s is in %s: logging to "
-                    "a new run in %s, which lacks the steps before this resume", previous.get("run_id"),
-                    previous.get("tracking_uri"), uri)
-    if run_id is None:
-        run_id = start_run(client, cfg, f"pretrain-{cfg.model.kind}",
-                           {"keplm.job": "pretrain", "keplm.model": cfg.model.kind, "keplm.training_key": key, **lineage})
-        run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "key": key, "key_parts": key_parts}))
-    else:
-        n, differ = record_invocation(client, run_id, cfg)
-        if differ:
-            log.warning("pretrain: MLflow run %s keeps its first invocation's params; invocation %d's other values "
-                        "(%s) are in its tag keplm.invocation.%d", run_id, n, ", ".join(list(differ)[:8]), n)
+    run_id = keyed_run(
+        client, cfg, train_dir / "mlflow_run.json", key, key_parts, uri, job="pretrain",
+        anew=lambda changed: f"{train_dir} was trained on another config or inputs ({changed}): training anew in a new "
+                             "MLflow run (the earlier checkpoints stay where they were)",
+        start=lambda: start_run(client, cfg, f"pretrain-{cfg.model.kind}", {
+            "keplm.job": "pretrain", "keplm.model": cfg.model.kind, "keplm.training_key": key, **lineage}))
     try:
         result = run_training(cfg.train, inputs["files"], build_for_worker, inputs["context"], train_dir, uri, run_id,
                               cfg.batches.max_seq_len, val_files=inputs["val_files"], name=f"pretrain-{key[:16]}")

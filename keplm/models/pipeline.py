@@ -212,6 +212,31 @@ def record_invocation(client, run_id: str, cfg) -> tuple[int, dict[str, str]]:
     return n, changed
 
 
+def keyed_run(client, cfg, marker: Path, key: str, key_parts: dict, uri: str, *, job: str, anew, start) -> str:
+    """The MLflow run a job's output keeps for what it computes, recorded in ``marker`` (JSON: run_id,
+    tracking_uri, key, key_parts). The same key in the same store: that run, resumed (``record_invocation``).
+    Otherwise ``start()`` makes a new one, which the marker then names, and a warning says why: ``anew(changed
+    keys)`` for another key; the old run and store for another store."""
+    previous = json.loads(marker.read_text()) if marker.is_file() else {}
+    same = previous.get("key") == key
+    if same and previous.get("tracking_uri", uri) == uri:
+        n, differ = record_invocation(client, previous["run_id"], cfg)
+        if differ:
+            log.warning("%s: MLflow run %s keeps its first invocation's params; invocation %d's other values (%s) are "
+                        "in its tag keplm.invocation.%d", job, previous["run_id"], n, ", ".join(list(differ)[:8]), n)
+        return previous["run_id"]
+    if same:
+        log.warning("%s: its MLflow run %s is in %s: logging to a new run in %s, which lacks what was logged before "
+                    "this resume", job, previous["run_id"], previous["tracking_uri"], uri)
+    else:
+        changed = key_change(previous, key, key_parts)
+        if changed:
+            log.warning("%s: %s", job, anew(changed))
+    run_id = start()
+    marker.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "key": key, "key_parts": key_parts}))
+    return run_id
+
+
 def start_run(client, cfg, run_name: str, tags: dict[str, str]) -> str:
     """An MLflow run with the resolved config as flattened params; -> run id."""
     from mlflow.entities import Param

@@ -22,16 +22,14 @@ class RayConfig(Section):
     show_progress: bool = False
 
 
-QUIET_HOOK = f"{__name__}.quiet_state_api_pollers"
-# Ray Train's cleaner of a crashed controller's placement group; it polls the state API, which a local Ray
-# without a dashboard does not serve. A controller that ends normally removes its placement group itself.
-STATE_API_POLLERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+QUIET_HOOK = f"{__name__}.quiet_placement_group_cleaner"
 
 
-def quiet_state_api_pollers() -> None:
-    """Each Ray worker of a local session without a dashboard runs this at start-up (``worker_process_setup_hook``)."""
-    for name in STATE_API_POLLERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+def quiet_placement_group_cleaner() -> None:
+    """Each Ray worker of a local session without a dashboard runs this at start-up (``worker_process_setup_hook``):
+    Ray Train's cleaner of a crashed controller's placement group polls the State API, which such a session does not
+    serve, and would warn every second (a controller that ends normally removes its placement group itself)."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:

@@ -52,29 +52,18 @@ def sweep_key(cfg) -> dict:
 
 
 def _parent_run(client, cfg, out: Path, job: str, params: dict, key: str, key_parts: dict, tracking_uri: str) -> str:
-    from keplm.models.pipeline import key_change, record_invocation, start_run
-
-    marker = out / "mlflow_parent.json"
-    previous = json.loads(marker.read_text()) if marker.is_file() else {}
-    if previous.get("key") == key and previous.get("tracking_uri", tracking_uri) == tracking_uri:
-        n, differ = record_invocation(client, previous["run_id"], cfg)
-        if differ:
-            log.warning("%s: parent run %s keeps its first invocation's params; invocation %d's other values (%s) "
-                        "are in its tag keplm.invocation.%d", job, previous["run_id"], n, ", ".join(list(differ)[:8]), n)
-        return previous["run_id"]
-    changed = key_change(previous, key, key_parts)
-    if changed:
-        log.warning("%s: %s holds a %s of another config (%s): sweeping anew in a new parent run (the earlier trials "
-                    "stay in its Tune experiment and MLflow runs)", job, out, job, changed)
-    elif previous.get("key") == key:
-        log.warning("%s: the %s's parent run %s is in %s: logging to a new parent run in %s (the trials that resume "
-                    "start new child runs there)", job, job, previous["run_id"], previous["tracking_uri"], tracking_uri)
-    run_id = start_run(client, cfg, f"{job}-{out.name}", {"keplm.job": job, "keplm.sweep_key": key})
     from mlflow.entities import Param
 
-    client.log_batch(run_id, params=[Param(f"tune.{k}", str(v)[:6000]) for k, v in flatten(params).items()])
-    marker.write_text(json.dumps({"run_id": run_id, "key": key, "key_parts": key_parts, "tracking_uri": tracking_uri}))
-    return run_id
+    from keplm.models.pipeline import keyed_run, start_run
+
+    def start() -> str:
+        run_id = start_run(client, cfg, f"{job}-{out.name}", {"keplm.job": job, "keplm.sweep_key": key})
+        client.log_batch(run_id, params=[Param(f"tune.{k}", str(v)[:6000]) for k, v in flatten(params).items()])
+        return run_id
+
+    return keyed_run(client, cfg, out / "mlflow_parent.json", key, key_parts, tracking_uri, job=job, start=start,
+                     anew=lambda changed: f"{out} holds a {job} of another config ({changed}): sweeping anew in a new "
+                                          "parent run (the earlier trials stay in its Tune experiment and MLflow runs)")
 
 
 def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: str, num_samples: int,
