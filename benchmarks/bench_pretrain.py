@@ -36,9 +36,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ["model.kind=mlm", "model.hidden_size=256", "model.num_hidden_layers=4", "model.num_attention_heads=4",
-         "model.intermediate_size=1024", "batches.max_seq_len=128", "train.batch_size=16", "train.warmup_ratio=0.0",
-         "train.checkpoint_every=1000", "train.log_every=5", "train.cpus_per_worker=0.9"]
+CPU_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+CPU_BATCH, CPU_SEQ, DEMO_VOCAB = 16, 128, 3000   # rows per worker, tokens per row; configs/demo.yaml's vocab_size
+MODEL = ["model.kind=mlm", *(f"model.{k}={v}" for k, v in CPU_SHAPE.items()), f"batches.max_seq_len={CPU_SEQ}",
+         f"train.batch_size={CPU_BATCH}", "train.warmup_ratio=0.0", "train.checkpoint_every=1000", "train.log_every=5",
+         "train.cpus_per_worker=0.9"]
 
 
 def run_job(out: Path, *overrides: str) -> dict:
@@ -78,17 +80,16 @@ def _ddp_worker(rank: int, world: int, port: int, barrier, out, steps: int) -> N
 
     torch.set_num_threads(1)   # as Ray gives a worker with cpus_per_worker 0.9
     torch.manual_seed(0)
-    model = KeplmBertForPreTraining(KeplmBertConfig(vocab_size=3000, hidden_size=256, num_hidden_layers=4,
-                                                    num_attention_heads=4, intermediate_size=1024))
+    model = KeplmBertForPreTraining(KeplmBertConfig(vocab_size=DEMO_VOCAB, **CPU_SHAPE))
     if world > 1:   # Ray's prepare_model wraps in DDP only from 2 workers on, with the job's find_unused_parameters
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(rank)
-    ids = torch.randint(5, 3000, (16, 128), generator=g)
-    labels = torch.where(torch.rand(16, 128, generator=g) < 0.15, ids, -100)
+    ids = torch.randint(5, DEMO_VOCAB, (CPU_BATCH, CPU_SEQ), generator=g)
+    labels = torch.where(torch.rand(CPU_BATCH, CPU_SEQ, generator=g) < 0.15, ids, -100)
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                 sop_label=torch.randint(0, 2, (16,), generator=g))
+                 sop_label=torch.randint(0, 2, (CPU_BATCH,), generator=g))
     times = []
     for _ in range(steps):
         t = time.perf_counter()
