@@ -11,6 +11,10 @@ What differs from ERNIE-THU (Zhang et al. 2019): ERNIE aligns an entity to the m
 and stacks several K-encoder layers, each with a multi-head self-attention over the entity sequence; it
 also trains a denoising entity auto-encoder (dEA) objective. keplm fuses into every token of the mention,
 uses one fusion layer, and trains with L_EX (MLM + SOP) only.
+
+Reductions (docs/loss-reductions.md): MLM is the mean over the batch's masked tokens and SOP the mean over
+its sentence pairs (BERT's, shared by every keplm model); no dEA term, so nothing else to reduce. EMBERT's
+heads, when listed, reduce as in :mod:`keplm.models.embert`.
 """
 
 from __future__ import annotations

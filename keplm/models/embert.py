@@ -12,16 +12,28 @@ backbone. Batches come from :class:`EntityTasks` in the collator.
   the replaced entities.
 - **Entity segmentation** (eq. 4-5): inside every linked mention the last token of each sub-entity
   (``keplm.kg.segment``) is labelled 1, the other tokens 0, tokens outside mentions are ignored;
-  ``y_t = tanh(W3 LN(GELU(W4 x_t)) + b)``, ``p = softmax(W5 y_t)``. Eq. 5 sums over a sentence's tokens;
-  keplm sums per sentence and averages over the batch's sentences.
+  ``y_t = tanh(W3 LN(GELU(W4 x_t)) + b)``, ``p = softmax(W5 y_t)``.
 - **Bidirectional entity masking** (eq. 6-9): a long mention's adjective term or its atomic term is
   replaced by [MASK]; each masked token j is predicted from the other term's first and last output states
   and a ``bem_position_dim`` (200) relative position embedding ``p_{j-s}`` (s = start of the masked
   term, clipped at ``bem_max_relative − 1``) through the 2-layer FFN
   ``y = LN(GELU(W7 LN(GELU(W6 [x_s; x_e; p]))))``, scored against the input word embeddings
   (eq. 8, no bias). Each long mention is masked in one direction drawn at random, so both directions
-  are trained; L_bem = L^ato + L^adj, summed per sentence and averaged over sentences.
+  are trained; L_bem = L^ato + L^adj (eq. 9).
 - Loss (eq. 10): ``L_ex + λ1·L_cecp + λ2·L_est + λ3·L_bem``, λ = (2, 2, 0.5).
+
+Reductions (docs/loss-reductions.md), each a cross-entropy in nats per prediction, like L_ex's MLM:
+
+- **CECP**: the mean over the batch's replaced entities — eq. 3 as printed (Σ_i …/N, N entities).
+- **EST** (``est_reduction``): ``mean`` (default) over the batch's labelled entity tokens. Eq. 5 prints a
+  bare sum over a sentence's tokens, but the text computes the loss "similar to token-level masked
+  language modeling" (a mean) and gives it λ2 = 2 next to L_ex: summed, it grows with every sentence's
+  entity tokens (≈ 17 against MLM's 6.5 in the demo, ×2) and drowns L_ex. ``sum``: eq. 5 as printed,
+  summed per sentence, averaged over the batch's sentences.
+- **BEM** (``bem_reduction``): ``mean`` (default) over the batch's masked entity tokens, both directions
+  together, so eq. 9's L^ato + L^adj keeps its sum over one count. Eq. 8 sums over a term's tokens, again
+  "similar to MLM"; summed it grows with long mentions per sentence (≈ 20 in the demo). ``sum``: eq. 8-9 as
+  printed, summed per sentence, averaged over sentences.
 
 Tokens of replaced or bidirectionally masked mentions are left out of the MLM's choice, so each of them is
 predicted by one objective only.
@@ -41,8 +53,9 @@ from keplm.kg.segment import EntitySegmenter, adjective_atomic
 from keplm.platform.errors import KeplmError
 
 OBJECTIVES = ("cecp", "est", "bem")
+REDUCTIONS = ("mean", "sum")
 DEFAULTS = {"entity_objectives": (), "lambda_cecp": 2.0, "lambda_est": 2.0, "lambda_bem": 0.5,
-            "bem_position_dim": 200, "bem_max_relative": 32}
+            "bem_position_dim": 200, "bem_max_relative": 32, "est_reduction": "mean", "bem_reduction": "mean"}
 CONSISTENT, INCONSISTENT = 1, 0
 
 
@@ -60,6 +73,10 @@ class EntityObjectives(nn.Module):
             raise ValueError(f"unknown entity objectives {sorted(unknown)}; known: {OBJECTIVES}")
         h, eps = config.hidden_size, config.layer_norm_eps
         self.lambdas = {n: float(setting(config, f"lambda_{n}")) for n in OBJECTIVES}
+        self.reductions = {n: setting(config, f"{n}_reduction") for n in ("est", "bem")}
+        for n, how in self.reductions.items():
+            if how not in REDUCTIONS:
+                raise ValueError(f"{n}_reduction must be one of {REDUCTIONS}, got {how!r}")
         if "cecp" in self.names:
             self.cecp_w1 = nn.Linear(2 * h, h)
             self.cecp_ln = nn.LayerNorm(h, eps=eps)
@@ -101,16 +118,20 @@ class EntityObjectives(nn.Module):
             out["cecp"] = F.cross_entropy(logits.float(), labels[sel])                           # eq. 3
         seg = batch.get("seg_labels")
         if "est" in self.names and seg is not None and bool((seg >= 0).any()):
-            logits = self.est_logits(seq)
-            out["est"] = F.cross_entropy(logits.reshape(-1, 2).float(), seg.reshape(-1), ignore_index=-100,
-                                         reduction="sum") / n_sent                             # eq. 5
+            sel = seg >= 0                                                 # entity tokens; the rest is ignored
+            logits = self.est_logits(seq[sel])
+            out["est"] = self.reduce("est", F.cross_entropy(logits.float(), seg[sel], reduction="none"), n_sent)  # eq. 5
         target = batch.get("bem_labels")
         if "bem" in self.names and target is not None and bool((target >= 0).any()):
             sel = (target >= 0).nonzero(as_tuple=True)
             y = self.bem_states(seq, sel[0], batch["bem_anchor"][sel], batch["bem_relative"][sel])
             logits = y @ word_embeddings.T                                                      # eq. 8
-            out["bem"] = F.cross_entropy(logits.float(), target[sel], reduction="sum") / n_sent  # eq. 8-9
+            out["bem"] = self.reduce("bem", F.cross_entropy(logits.float(), target[sel], reduction="none"), n_sent)  # eq. 8-9
         return out
+
+    def reduce(self, name: str, nll: torch.Tensor, n_sent: int) -> torch.Tensor:
+        """Per-token losses -> ``mean`` over the batch's tokens, or ``sum`` per sentence averaged over sentences."""
+        return nll.mean() if self.reductions[name] == "mean" else nll.sum() / n_sent
 
     def weighted(self, losses: dict[str, torch.Tensor]) -> list[tuple[float, torch.Tensor]]:
         return [(self.lambdas[n], v) for n, v in losses.items()]

@@ -22,6 +22,13 @@ remaining l1 layers of text-entity fusion.
   carry it (the paper has none: set ``batches.sop=false``). Whole-entity masking 12 % [MASK] + 1.5 % random
   (§3.2) is the collator's whole-entity masking at 15 % with 80/10/10.
 
+Reductions (docs/loss-reductions.md): eq. 8-10 print MLM, ED and EL alike as bare sums; the released code
+takes each as a cross-entropy mean, and so does keplm, whose MLM is BERT's mean over masked tokens — so no
+switch: summing ED and EL alone would not be the printed objective either, it would outweigh the mean MLM.
+
+- **ED**: the mean over the batch's non-padding tokens (every one has a B/I/O target, [CLS]/[SEP] O).
+- **EL**: the mean over the batch's linked mentions (exact or sampled softmax alike).
+
 Entity embeddings are initialised from TransE (``load_kg``), trainable unless ``entity_trainable=False``
 (the paper's +frz); +rand skips ``load_kg``; −wem turns whole-entity masking off in the batches.
 """

@@ -65,6 +65,12 @@ class ModelConfig(Section):
     lambda_bem: float = Field(0.5, ge=0, description="EMBERT λ3")
     bem_position_dim: int = Field(200, ge=1, description="EMBERT: relative position embeddings of the BEM head")
     bem_max_relative: int = Field(32, ge=1, description="EMBERT: relative positions beyond this are clipped")
+    est_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="EMBERT L_est: mean over the batch's labelled entity tokens (the text's 'similar to "
+                            "token-level MLM'); sum = eq. 5 as printed, summed per sentence, averaged over sentences")
+    bem_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="EMBERT L_bem: mean over the batch's masked entity tokens ('similar to MLM'); "
+                            "sum = eq. 8-9 as printed, summed per sentence, averaged over sentences")
 
     @property
     def entity_objectives(self) -> list[str]:
@@ -102,7 +108,8 @@ def _backbone_kwargs(cfg: ModelConfig, vocab_size: int) -> dict:
               max_position_embeddings=cfg.max_position_embeddings)
     objective_kw = dict(entity_objectives=cfg.entity_objectives, lambda_cecp=cfg.lambda_cecp, lambda_est=cfg.lambda_est,
                         lambda_bem=cfg.lambda_bem, bem_position_dim=cfg.bem_position_dim,
-                        bem_max_relative=cfg.bem_max_relative)
+                        bem_max_relative=cfg.bem_max_relative, est_reduction=cfg.est_reduction,
+                        bem_reduction=cfg.bem_reduction)
     if cfg.init:
         from transformers import BertConfig
 
