@@ -1,5 +1,7 @@
 """`keplm compare --experiment NAME --output DIR`: the paper-style table of a sweep's or an ablation's runs
-(mean ± std over seeds, best per column), as CSV + Markdown + PNG plots, also logged to the parent run.
+(best first by the objective, mean ± std over seeds, best per column), as comparison.csv, comparison.md, a
+results page report.md (metadata: ``--command``, ``--config``, ``--meta KEY=VALUE``, the parent run's dates,
+wall times and git SHA; the table; the plots) and PNG dot plots, also logged to the parent run.
 Works against any MLflow tracking URI (``--tracking-uri``, ``tracking.uri``, $MLFLOW_TRACKING_URI): a file
 store, sqlite, or an ``mlflow server``."""
 
@@ -27,8 +29,16 @@ def run(args: argparse.Namespace) -> int:
         raise KeplmError("no tracking URI: pass --tracking-uri, set tracking.uri or MLFLOW_TRACKING_URI")
     check_tracking(uri)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-    res = compare(MlflowClient(uri), args.experiment or cfg.tracking.experiment, Path(args.output), args.parent, metrics)
+    meta = {}
+    for item in args.meta or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise KeplmError(f"--meta {item!r}: expected KEY=VALUE")
+        meta[key.strip()] = value.strip()
+    res = compare(MlflowClient(uri), args.experiment or cfg.tracking.experiment, Path(args.output), args.parent, metrics,
+                  meta=meta or None, command=args.command, config_path=args.config)
     print(res["markdown"], file=sys.stderr)
+    res["rows"] = [{k: (v._asdict() if hasattr(v, "_asdict") else v) for k, v in r.items()} for r in res["rows"]]
     print(json.dumps({"job": "compare", "output": args.output, **{k: v for k, v in res.items() if k != "markdown"}},
                      ensure_ascii=False, default=str))
     return 0
@@ -41,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parent", help="the sweep/ablation run id (default: the experiment's latest)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument("--metrics", help="comma-separated metric names (default: the known ones present)")
+    p.add_argument("--command", help="the command that ran the sweep/ablation, for report.md's metadata")
+    p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="an extra line of report.md's metadata "
+                   "(repeatable)")
     p.add_argument("--output", required=True)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=run)
