@@ -41,18 +41,20 @@ DEFAULT_DIMS = {"transr": (200, 200), "transe": (100, 100)}
 
 
 class EmbedConfig(Section):
-    model: Literal["transr", "transe"] = "transr"
+    model: Literal["transr", "transe"] = Field("transr", description="TransR (SMedBERT) or TransE (KeBioLM, "
+                                                                  "ERNIE); --model overrides")
     dim: int | None = Field(None, ge=1, description="entity dim; default 200 (TransR, SMedBERT d2) / 100 (TransE)")
     relation_dim: int | None = Field(None, ge=1, description="TransR relation space; default 200")
     norm: int = Field(2, ge=1, le=2, description="p of the distance (L2 as KeBioLM)")
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(2048, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    negatives_per_positive: int = Field(1, ge=1)
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    epochs: int = Field(30, ge=1, description="training epochs over the train split")
+    batch_size: int = Field(2048, ge=1, description="triples per training batch")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    negatives_per_positive: int = Field(1, ge=1, description="corrupted triples drawn per training triple")
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test shares of the "
+                                              "triples (every entity stays in train)")
     eval_max_triples: int | None = Field(5000, ge=1, description="rank at most this many test triples")
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(42, description="seed of the split, initialisation and negative sampling")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when the cluster has one")
 
 
 def _dims(cfg: EmbedConfig) -> tuple[int, int]:

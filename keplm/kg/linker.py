@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import Counter
 
 import ahocorasick_rs
+from pydantic import Field
 
 from keplm.kg.reader import Entities
 from keplm.platform.config import Section
@@ -33,9 +34,11 @@ JIEBA_USER_FREQ = 100_000
 
 
 class LinkConfig(Section):
-    min_name_chars: int = 2
-    use_aliases: bool = True
-    jieba_context: int = 6
+    min_name_chars: int = Field(2, description="names and aliases shorter than this many characters are not "
+                                               "linked (counted)")
+    use_aliases: bool = Field(True, description="link aliases too, not only entity names")
+    jieba_context: int = Field(6, description="characters either side of a tied cluster that jieba cuts to "
+                                              "find word boundaries")
 
 
 class EntityLinker:

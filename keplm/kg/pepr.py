@@ -94,7 +94,7 @@ class PEPRConfig(Section):
     alpha: float = Field(0.15, gt=0, lt=1, description="probability of the personalised jump (the paper's α)")
     k_max: int = Field(30, ge=1, description="neighbours kept per entity; any K <= k_max is a prefix")
     tol: float = Field(1e-7, gt=0, description="bound on the max-abs error of every score")
-    max_iter: int = Field(1000, ge=1)
+    max_iter: int = Field(1000, ge=1, description="iterations per solve; a solve not converged by then fails the job")
     batch_size: int = Field(256, ge=1, description="at most this many seeds solved together (columns of one dense block)")
     block_mib: float = Field(8, gt=0, description="the dense block's working set per actor is cut to fit this (actors "
                                                    "sharing a last-level cache must not evict each other's vectors)")
@@ -104,16 +104,18 @@ class PEPRConfig(Section):
     call_blocks: int = Field(4, ge=1, description="blocks per actor call, solved one after another: every call costs "
                                                   "the driver and the actor a Ray round trip (fewer when that would "
                                                   "leave an actor without queued calls)")
-    num_actors: int = Field(2, ge=1)
-    actor_num_cpus: float = Field(1.0, gt=0)
-    method: Literal["cg", "power"] = "cg"
+    num_actors: int = Field(2, ge=1, description="Ray actors solving blocks of seeds in parallel")
+    actor_num_cpus: float = Field(1.0, gt=0, description="CPUs per actor (also the threads of its sparse products)")
+    method: Literal["cg", "power"] = Field("cg", description="cg: conjugate gradients on the fixed point; power: "
+                                                             "the iteration as written")
     solve: Literal["cover", "seeds"] = Field(
         "cover", description="cg only. cover: solve a vertex cover of the seeds' edges and read the other "
                              "side by symmetry (R[t,m] = d_t/d_m R[m,t]); seeds: one solve per seed")
     deflate: bool = Field(
         True, description="cg only: remove each connected component's known eigenvector from the system, so CG and "
                           "its error bound work on the component's spectral gap (estimated by Lanczos) instead of α")
-    dtype: Literal["float64", "float32"] = "float64"
+    dtype: Literal["float64", "float32"] = Field("float64", description="precision of the solves; float32 "
+                                                                        "halves memory traffic, needs tol >= 1e-5")
     seeds: Literal["auto", "all", "linked"] = Field(
         "auto", description="auto: entities linked in the corpus when the graph has frequencies, else all")
 

@@ -61,25 +61,30 @@ _SEGMENT_SCHEMA = pa.schema([
 
 
 class PrepareConfig(Section):
-    corpus: list[str] = Field(default_factory=list)
-    kg: str | None = None
-    format: Literal["auto", "jsonl", "text", "parquet"] = "auto"
-    text_field: str = "text"
-    id_field: str = "id"
+    corpus: list[str] = Field(default_factory=list, description="corpus files, directories or globs (--corpus "
+                                                                "overrides)")
+    kg: str | None = Field(None, description="KG directory: entities.tsv, triples.tsv, optional aliases.tsv (--kg "
+                                             "overrides)")
+    format: Literal["auto", "jsonl", "text", "parquet"] = Field("auto", description="corpus file format; auto: "
+                                                                "from the file suffix")
+    text_field: str = Field("text", description="JSON-lines / Parquet field holding a document's text")
+    id_field: str = Field("id", description="field holding a document's id; absent: <file>:<line>")
     min_chars: int = Field(256, ge=0, description="documents shorter than this after cleaning are rejected")
-    max_seq_len: int = Field(512, ge=8)
+    max_seq_len: int = Field(512, ge=8, description="tokens per segment with [CLS]/[SEP]; longer documents are "
+                                                    "split at sentence ends")
     tokenizer: str | None = Field(None, description="vocab.txt or tokenizer dir; unset: train one")
-    num_workers: int = Field(2, ge=1)
-    batch_size: int = Field(256, ge=1)
-    read_batch_rows: int = Field(1000, ge=1)
+    num_workers: int = Field(2, ge=1, description="actors that clean, link, tokenise and write the shards")
+    batch_size: int = Field(256, ge=1, description="documents per linking-actor batch; each batch writes one shard file")
+    read_batch_rows: int = Field(1000, ge=1, description="documents per batch a read task yields")
     block_kb: int = Field(1024, ge=1, description="target Ray Data block size between read and link")
     # Logical CPUs per stage. Linking actors hold their CPU for the whole run, so they ask for a little
     # less than one each to leave room for the light read tasks (else 2 actors on 2 CPUs starve them).
-    read_num_cpus: float = Field(0.2, gt=0)
-    actor_num_cpus: float = Field(0.8, gt=0)
-    clean: CleanConfig = Field(default_factory=CleanConfig)
-    link: LinkConfig = Field(default_factory=LinkConfig)
-    vocab: VocabConfig = Field(default_factory=VocabConfig)
+    read_num_cpus: float = Field(0.2, gt=0, description="logical CPUs each read task asks Ray for")
+    actor_num_cpus: float = Field(0.8, gt=0, description="logical CPUs each linking actor asks Ray for")
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="text cleaning rules (SMedBERT App. A.1.1)")
+    link: LinkConfig = Field(default_factory=LinkConfig, description="exact-match entity linking rules")
+    vocab: VocabConfig = Field(default_factory=VocabConfig, description="WordPiece training when no tokenizer is "
+                                                                        "given (also keplm vocab)")
 
 
 # ---------------------------------------------------------------- pipeline stages (run on workers)

@@ -37,7 +37,7 @@ class SegmentConfig(Section):
     long_min_chars: int = Field(4, ge=2, description="entities of at least this many characters are long candidates")
     top_cut_points: int = Field(100, ge=0, description="cut-point characters kept per side (start / end)")
     min_precision: float = Field(0.5, gt=0, le=1, description="stand-in for the paper's manual check of cut points")
-    min_count: int = Field(2, ge=1)
+    min_count: int = Field(2, ge=1, description="a cut point must be seen at a segment boundary this many times")
     max_single_ratio: float = Field(0.5, gt=0, le=1, description="more single characters than this: an error")
 
 

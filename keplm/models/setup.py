@@ -32,32 +32,35 @@ from keplm.platform.tokenizer import load_tokenizer
 
 
 class ModelConfig(Section):
-    kind: Literal["smedbert", "mlm", "wem", "ernie", "kebiolm", "embert"] = "smedbert"
+    kind: Literal["smedbert", "mlm", "wem", "ernie", "kebiolm", "embert"] = Field(
+        "smedbert", description="the model pretrained: SMedBERT, KeBioLM, EMBERT or a baseline (mlm, wem, ernie)")
     init: str | None = Field(None, description="local BERT checkpoint dir for the backbone; unset: random init")
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    hidden_size: int = Field(768, description="BERT hidden size (ignored with init)")
+    num_hidden_layers: int = Field(12, description="BERT encoder layers (ignored with init)")
+    num_attention_heads: int = Field(12, description="attention heads per layer (ignored with init)")
+    intermediate_size: int = Field(3072, description="feed-forward size (ignored with init)")
+    max_position_embeddings: int = Field(512, description="longest sequence the model takes (ignored with init)")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel")
     hybrid_layer: int = Field(10, ge=1, description="SMedBERT: hybrid attention after this encoder layer")
     fusion_layer: int = Field(10, ge=1, description="ERNIE baseline: fusion after this encoder layer")
-    mu: float = 10.0
-    lambda_mnem: float = 2.0
-    lambda_mmem: float = 4.0
+    mu: float = Field(10.0, description="SMedBERT µ: scale of the MNeM scores (eq. 19)")
+    lambda_mnem: float = Field(2.0, description="SMedBERT λ1: weight of MNeM in the loss (eq. 22)")
+    lambda_mmem: float = Field(4.0, description="SMedBERT λ2: weight of MMeM in the loss (eq. 22)")
     mnem_logq_scale: float | None = Field(None, description="c of −c·log Q in eq. 19; unset: µ (as printed)")
-    use_type_attention: bool = True
-    use_hybrid_attention: bool = True
-    use_knowledge_loss: bool = True
-    kg_trainable: bool = False
+    use_type_attention: bool = Field(True, description="SMedBERT: type attention (eq. 3); false = Table 4's "
+                                                       "-type_att")
+    use_hybrid_attention: bool = Field(True, description="SMedBERT: hybrid knowledge attention; false = "
+                                                         "-hybrid_att")
+    use_knowledge_loss: bool = Field(True, description="SMedBERT: MNeM and MMeM losses; false = -know_loss")
+    kg_trainable: bool = Field(False, description="SMedBERT: train the TransR entity/relation tensors too")
     text_layers: int = Field(8, ge=1, description="KeBioLM l0: text-only layers before detection/linking/fusion")
     top_k_entities: int = Field(100, ge=1, description="KeBioLM: entities in e'_m (eq. 3)")
     el_negatives: int | None = Field(None, ge=1, description="KeBioLM: sampled-softmax negatives for L_EL; "
                                                             "unset: exact softmax over all entities")
     entity_init: Literal["transe", "random"] = Field("transe", description="KeBioLM: random = the paper's +rand")
     freeze_entities: bool = Field(False, description="KeBioLM: the paper's +frz")
-    lambda_ed: float = Field(1.0, ge=0)
-    lambda_el: float = Field(1.0, ge=0)
+    lambda_ed: float = Field(1.0, ge=0, description="KeBioLM λ_ED: weight of entity detection (eq. 6)")
+    lambda_el: float = Field(1.0, ge=0, description="KeBioLM λ_EL: weight of entity linking (eq. 6)")
     objectives: list[Literal["cecp", "est", "bem"]] | None = Field(
         None, description="EMBERT objectives on this backbone; unset: all three for embert, none for the others")
     lambda_cecp: float = Field(2.0, ge=0, description="EMBERT λ1")
@@ -81,13 +84,14 @@ class ModelConfig(Section):
 
 class BatchConfig(Section):
     k: int = Field(10, ge=1, description="neighbours per mention (a prefix of pepr.k_max)")
-    mask_rate: float = Field(0.15, gt=0, lt=1)
-    whole_entity_masking: bool | None = Field(None, description="unset: on for smedbert and wem")
-    max_mentions: int = Field(32, ge=1)
-    num_negatives: int = Field(10, ge=1)
-    max_seq_len: int = Field(512, ge=8)
-    sop: bool = True
-    seed: int = 0
+    mask_rate: float = Field(0.15, gt=0, lt=1, description="share of tokens the MLM corrupts (80/10/10)")
+    whole_entity_masking: bool | None = Field(None, description="mask linked mentions whole first; unset: on "
+                                                                "for smedbert, wem and kebiolm")
+    max_mentions: int = Field(32, ge=1, description="mentions kept per row (extra ones counted)")
+    num_negatives: int = Field(10, ge=1, description="SMedBERT: negatives per neighbour, drawn from Q(e) within its type")
+    max_seq_len: int = Field(512, ge=8, description="tokens per row (capped by max_position_embeddings)")
+    sop: bool = Field(True, description="sentence-order prediction pairs")
+    seed: int = Field(0, description="seed of the collator's draws: masking, SOP swaps, negatives, replacements")
     cecp_rate: float = Field(0.3, ge=0, le=1, description="EMBERT: share of mentions replaced by a synonym or a "
                                                           "random entity for consistency prediction (not given in the paper)")
     bem_rate: float = Field(0.5, ge=0, le=1, description="EMBERT: share of long mentions with one term masked")

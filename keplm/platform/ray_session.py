@@ -9,17 +9,21 @@ from __future__ import annotations
 import logging
 import os
 
+from pydantic import Field
+
 from keplm.platform.config import Section
 
 log = logging.getLogger(__name__)
 
 
 class RayConfig(Section):
-    address: str | None = None
-    num_cpus: int | None = None
-    object_store_memory_mb: int = 500
-    include_dashboard: bool = False
-    show_progress: bool = False
+    address: str | None = Field(None, description="Ray cluster to join; --address and RAY_ADDRESS take precedence; "
+                                                  "unset: start a local Ray")
+    num_cpus: int | None = Field(None, description="CPUs of the local Ray; unset: all of the machine's")
+    object_store_memory_mb: int = Field(500, description="object store size of the local Ray, in MiB")
+    include_dashboard: bool = Field(False, description="start the local Ray with its dashboard (and State API); "
+                                                       "sweeps start it regardless")
+    show_progress: bool = Field(False, description="show Ray Data's progress bars")
 
 
 QUIET_HOOK = f"{__name__}.quiet_placement_group_cleaner"

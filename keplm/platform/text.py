@@ -26,6 +26,7 @@ from __future__ import annotations
 import html
 
 import regex
+from pydantic import Field
 
 from keplm.platform.config import Section
 
@@ -44,8 +45,9 @@ _WORD_CHAR = regex.compile(r"[A-Za-z0-9]")
 
 
 class CleanConfig(Section):
-    extra_chars: str = "%+-~℃°×/<>=.±"
-    lowercase: bool = False
+    extra_chars: str = Field("%+-~℃°×/<>=.±", description="symbols kept besides letters, digits, punctuation "
+                                                        "and whitespace; \"\" applies the paper's rule exactly")
+    lowercase: bool = Field(False, description="lowercase the cleaned text")
 
 
 def _disallowed(extra: str) -> regex.Pattern:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from pydantic import Field
+
 from keplm.platform.config import Section
 from keplm.platform.errors import KeplmError
 
@@ -16,10 +18,11 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 class VocabConfig(Section):
-    vocab_size: int = 8000
-    min_frequency: int = 2
-    lowercase: bool = True
-    limit_alphabet: int = 6000
+    vocab_size: int = Field(8000, description="size of the trained WordPiece vocab, special tokens included")
+    min_frequency: int = Field(2, description="a piece is merged into the vocab only if seen this many times")
+    lowercase: bool = Field(True, description="lowercase text before training (and in the trained tokenizer)")
+    limit_alphabet: int = Field(6000, description="at most this many distinct initial characters (CJK "
+                                                  "characters included) kept in the alphabet")
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:

@@ -17,7 +17,7 @@ from keplm.platform.errors import KeplmError
 
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; unset: $MLFLOW_TRACKING_URI or off")
-    experiment: str = "keplm"
+    experiment: str = Field("keplm", description="MLflow experiment the runs are logged to")
 
 
 def tracking_uri(cfg: TrackingConfig) -> str | None:

@@ -48,23 +48,24 @@ log = logging.getLogger(__name__)
 
 
 class TrainConfig(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: bool | None = Field(None, description="unset: GPU when the Ray cluster has one")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker asks Ray for")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs each worker asks Ray for (with use_gpu)")
     batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the shards, unless max_steps ends training first")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; unset: epochs x steps per epoch")
-    lr: float = Field(5e-5, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 42
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(2, ge=0)
-    log_every: int = Field(10, ge=1)
+    lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the steps with linear warm-up; linear "
+                                                             "decay after")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and LayerNorms)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    seed: int = Field(42, description="seed of initialisation, data order and shuffling")
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints (and sweep reports)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on storage")
+    max_failures: int = Field(2, ge=0, description="restarts of a failed worker group from its last checkpoint")
+    log_every: int = Field(10, ge=1, description="optimizer steps between metric logs")
     storage_path: str | None = Field(None, description="checkpoint storage: a path or a URI Ray supports "
                                                        "(s3://, gs://, an NFS path); unset: OUTPUT/ray_train")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; unset: known GPUs, "

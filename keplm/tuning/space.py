@@ -30,9 +30,9 @@ TRIAL_SECTIONS = ("model.", "batches.", "train.", "finetune.")
 
 
 class ParamSpec(Section):
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
+    choice: list[Any] | None = Field(None, description="one of these values")
+    uniform: tuple[float, float] | None = Field(None, description="a float drawn uniformly from lo..hi")
+    loguniform: tuple[float, float] | None = Field(None, description="a float drawn log-uniformly from lo..hi")
     randint: tuple[int, int] | None = Field(None, description="integers lo..hi inclusive")
 
     @model_validator(mode="after")
@@ -67,27 +67,28 @@ def config_key(name: str) -> str:
 
 
 class SweepConfig(Section):
-    space: dict[str, ParamSpec] = Field(default_factory=dict)
+    space: dict[str, ParamSpec] = Field(default_factory=dict, description="config key or paper knob -> its "
+                                        "distribution")
     objective: Literal["val_mlm_loss", "proxy_f1"] = Field(
         "val_mlm_loss", description="val_mlm_loss: MLM loss on train.val_rows held-out rows; proxy_f1: dev F1 "
                                     "of a short NER fine-tuning of the trial's model (sweep.proxy_task)")
     mode: Literal["min", "max"] | None = Field(None, description="unset: min for a loss, max for F1")
     proxy_task: str | None = Field(None, description="name of an ner task in evaluate.tasks")
-    proxy_steps: int = Field(300, ge=1)
-    proxy_dev_subset: int | None = Field(200, ge=1)
+    proxy_steps: int = Field(300, ge=1, description="proxy_f1: fine-tuning steps on the proxy task")
+    proxy_dev_subset: int | None = Field(200, ge=1, description="proxy_f1: dev sentences scored")
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first, "
                                                      "e.g. the paper's defaults; keys as in space")
-    num_samples: int = Field(8, ge=1)
-    max_concurrent: int = Field(2, ge=1)
-    seed: int = 0
+    num_samples: int = Field(8, ge=1, description="trials drawn")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    seed: int = Field(0, description="seed of the TPE sampler")
     scheduler: Literal["asha", "sha", "hyperband", "fifo"] = Field(
         "asha", description="asha: asynchronous successive halving; sha: synchronous (trials wait at each rung for "
                             "the whole population, so the cut does not depend on arrival order); hyperband; fifo")
     grace_period: int = Field(1, ge=1, description="reports (checkpoints) before ASHA/SHA may stop a trial")
-    reduction_factor: int = Field(2, ge=2)
+    reduction_factor: int = Field(2, ge=2, description="ASHA/SHA: 1 in this many trials goes on at each rung")
     trial_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
-    cpus_per_worker: float = Field(0.9, gt=0)
-    gpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(0.9, gt=0, description="CPUs per Ray Train worker of a trial")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per Ray Train worker of a trial (with a GPU)")
 
     @model_validator(mode="after")
     def _keys(self):
@@ -109,9 +110,9 @@ class SweepConfig(Section):
 
 
 class AblateConfig(Section):
-    seeds: int = Field(3, ge=1)
+    seeds: int = Field(3, ge=1, description="runs per variant, with seeds 0..n-1 (train.seed and batches.seed)")
     variants: list[str] | None = Field(None, description="subset of the model's grid (default: all of it)")
-    objective: Literal["val_mlm_loss", "proxy_f1"] = "val_mlm_loss"
+    objective: Literal["val_mlm_loss", "proxy_f1"] = Field("val_mlm_loss", description="what Tune records per trial")
 
 
 # The papers' ablation grids: variant -> config overrides.

@@ -32,23 +32,24 @@ CUT_AFTER = set("。；;！？!?，,、\n")
 
 
 class FinetuneConfig(Section):
-    head: Literal["fc", "crf", "lstm-crf", "bilstm-crf"] = "crf"
+    head: Literal["fc", "crf", "lstm-crf", "bilstm-crf"] = Field("crf", description="NER tagging head on the "
+                                                                           "encoder")
     mode: Literal["finetune", "feature"] = Field("finetune", description="feature = frozen encoder (seed 003 Table 6)")
-    lr: float = Field(5e-5, gt=0)
-    head_lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
-    weight_decay: float = Field(0.01, ge=0)
-    epochs: int = Field(6, ge=1)
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the encoder")
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of the task head (a random CRF needs more)")
+    batch_size: int = Field(32, ge=1, description="sentences (or pairs) per step")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    epochs: int = Field(6, ge=1, description="passes over the training set")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (proxy mode)")
-    warmup: float = Field(0.1, ge=0, lt=1)
-    lstm_hidden: int = Field(128, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    max_seq_len: int = Field(256, ge=8)
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of the steps with linear warm-up")
+    lstm_hidden: int = Field(128, ge=1, description="LSTM hidden size of the lstm-crf / bilstm-crf heads")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the encoder output, before the head")
+    max_seq_len: int = Field(256, ge=8, description="tokens per input; longer NER sentences are cut into windows")
     eval_every: int | None = Field(None, ge=1, description="steps between dev evaluations; unset: each epoch")
     train_subset: int | None = Field(None, ge=1, description="use the first N training examples")
-    dev_subset: int | None = Field(None, ge=1)
-    grad_clip: float = Field(1.0, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dev_subset: int | None = Field(None, ge=1, description="use the first N dev examples")
+    grad_clip: float = Field(1.0, gt=0, description="gradient clipping norm")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
 
 
 def pick_device(name: str) -> torch.device:

@@ -18,9 +18,9 @@ from keplm.platform.errors import KeplmError
 
 class TaskSpec(Section):
     kind: Literal["ner", "pair", "similarity"]
-    train: str | None = None
-    dev: str | None = None
-    test: str | None = None
+    train: str | None = Field(None, description="ner, pair: training file")
+    dev: str | None = Field(None, description="ner, pair: dev file (model selection)")
+    test: str | None = Field(None, description="ner, pair: test file; the best dev state is scored on it")
     augmented_train: str | None = Field(None, description="train on this (keplm augment output) instead of train")
     format: Literal["conll", "tsv", "spans"] | None = Field(None, description="NER file format; unset: from the suffix")
     kg: str | None = Field(None, description="similarity: KG directory with entities.tsv and aliases.tsv")
@@ -38,10 +38,10 @@ class TaskSpec(Section):
 
 
 class EvaluateConfig(Section):
-    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict, description="the evaluation tasks by name")
     seeds: int = Field(1, ge=1, description="runs per task with seeds 0..n-1; mean ± std reported")
-    cpus_per_run: float = Field(1.0, gt=0)
-    gpus_per_run: float = Field(0.0, ge=0)
+    cpus_per_run: float = Field(1.0, gt=0, description="CPUs of each (task, seed) Ray task (also its threads)")
+    gpus_per_run: float = Field(0.0, ge=0, description="GPUs of each (task, seed) Ray task")
 
 
 def task_config(spec: TaskSpec, base: FinetuneConfig) -> FinetuneConfig:
