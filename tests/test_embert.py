@@ -252,7 +252,7 @@ def make_model_batch(seed=0):
 def test_embert_heads_compose_with_smedbert_on_one_backbone():
     torch.manual_seed(0)
     cfg = SMedBertConfig(**TINY, num_entities=8, num_relations=2, num_entity_types=2, kg_dim=8, hybrid_layer=1,
-                         entity_objectives=ALL)
+                         entity_objectives=ALL, mmem_mentions="all")   # the batch masks no mention whole
     model = SMedBertForPreTraining(cfg).eval()
     b = make_model_batch()
     m = b["mention_mask"].shape[1]

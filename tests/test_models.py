@@ -42,7 +42,9 @@ def make_batch(seed=0, b=2, t=16, m=3, k=4, n=5):
     labels = torch.full((b, t), -100)
     labels[:, 3] = ids[:, 3]
     labels[:, 9] = ids[:, 9]
+    labels[1, 10] = ids[1, 10]   # sample 1's second mention is masked whole (MMeM's masked mentions)
     ids[:, 3] = 4  # [MASK]
+    ids[1, 10] = 4
     attn = torch.ones(b, t, dtype=torch.long)
     attn[1, -3:] = 0
     spans = torch.tensor([[[1, 3], [5, 8], [0, 0]], [[2, 4], [10, 11], [0, 0]]])
@@ -290,3 +292,58 @@ def test_one_batch_overfits(kind):
 def test_copy_of_config_keeps_defaults_of_the_paper():
     cfg = copy.deepcopy(SMedBertConfig())
     assert (cfg.kg_dim, cfg.mu, cfg.lambda_mnem, cfg.lambda_mmem, cfg.hybrid_layer) == (200, 10.0, 2.0, 4.0, 10)
+
+
+def test_mmem_is_the_mean_squared_error_of_standardised_features_over_masked_mentions():
+    model = kg_model(smedbert_config()).eval()
+    batch = make_batch()
+    out = model(**batch)
+    seq = out.last_hidden_state
+    feats = model._mention_features(seq, batch["mention_spans"], batch["mention_mask"])
+    original = torch.where(batch["labels"] >= 0, batch["labels"], batch["input_ids"])
+    target = model._mention_features(model.bert.embeddings.word_embeddings(original), batch["mention_spans"],
+                                     batch["mention_mask"])
+    # the only mention whose every token the MLM chose: sample 1's second one, span [10, 11)
+    by_hand = ((F.layer_norm(feats[1, 1], (D2,)) - F.layer_norm(target[1, 1], (D2,))) ** 2).mean()
+    assert torch.allclose(out.mmem_loss, by_hand, atol=1e-6)
+    assert 0 < out.mmem_loss.item() <= 4.0          # two standardised vectors: mean squared distance <= 4
+    every = kg_model(smedbert_config(mmem_mentions="all")).eval()(**batch)
+    covered = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    expected = torch.stack([((F.layer_norm(feats[i, j], (D2,)) - F.layer_norm(target[i, j], (D2,))) ** 2).mean()
+                            for i, j in covered]).mean()
+    assert torch.allclose(every.mmem_loss, expected, atol=1e-6)
+
+
+def test_mmem_has_no_term_without_a_masked_mention():
+    batch = make_batch()
+    batch["labels"][1, 10] = -100
+    out = kg_model(smedbert_config()).eval()(**batch)
+    assert out.mmem_loss is None and out.mnem_loss is not None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mmem_reduction_under_duplicated_mentions(reduction):
+    """Mean: every mention of a sample given twice leaves the loss unchanged; sum (eq. 21 as printed): doubles it."""
+    model = kg_model(smedbert_config(mmem_mentions="all", mmem_reduction=reduction, use_hybrid_attention=False)).eval()
+    batch = {k: v[:1] for k, v in make_batch().items()}
+    twice = dict(batch)
+    for key in ("mention_spans", "mention_mask", "neighbour_ids", "neighbour_relation", "neighbour_type",
+                "neighbour_mask", "negative_ids", "log_q_pos", "log_q_neg"):
+        twice[key] = torch.cat([batch[key][:, :2], batch[key][:, :2]], 1)
+    once, doubled = model(**batch).mmem_loss, model(**twice).mmem_loss
+    assert torch.allclose(doubled, once * (2 if reduction == "sum" else 1), atol=1e-6)
+    if reduction == "sum":
+        assert once.item() > D2 * 0.1          # summed over dimensions and mentions
+
+
+def test_mmem_cannot_be_lowered_by_shrinking_the_shared_layer_norm():
+    model = kg_model(smedbert_config(mmem_mentions="all")).eval()
+    batch = make_batch()
+    before = model(**batch)
+    with torch.no_grad():
+        model.ln_sa.weight.mul_(0.1)
+    after = model(**batch)
+    assert torch.allclose(before.mmem_loss, after.mmem_loss, atol=1e-6)
+    assert model.ln_sa.weight.grad is None
+    after.mmem_loss.backward()
+    assert model.ln_sa.weight.grad is None or model.ln_sa.weight.grad.abs().sum() == 0

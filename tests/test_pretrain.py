@@ -245,6 +245,12 @@ def test_two_worker_run_trains_logs_and_checkpoints(chain):
         assert key in run.data.metrics, key
     hist = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in hist] == list(range(1, 13))
+    # loss-balance diagnostics at the first step and every checkpoint (4, 8, 12), one peak for MFU on all ranks
+    for term in ("mlm_loss", "sop_loss", "mnem_loss", "mmem_loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, f"grad_norm/{term}")]
+        assert steps == [1, 4, 8, 12], term
+    assert all(0 < m.value <= 1 for m in client.get_metric_history(run.info.run_id, "mfu"))
+    assert "mfu': 1." not in r.stderr and "mfu': 2." not in r.stderr   # no rank's report claims over 100 %
     first, end = hist[0].value, hist[-1].value
     assert end < first  # the loss falls
     # the collators' counts, summed over both workers, at each checkpoint: rows trained on, not rows the

@@ -91,6 +91,20 @@ class PreTrainingHeadsMixin:
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
 
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each loss term in ``loss``, by output key (the λ of the papers' total losses): what
+        the training loop's loss-balance diagnostics scale each term's gradient by."""
+        weights = {"mlm_loss": 1.0, "sop_loss": 1.0}
+        for term in ("mnem", "mmem", "ed", "el", "cecp", "est", "bem"):
+            value = getattr(self.config, f"lambda_{term}", None)
+            if value is not None:
+                weights[f"{term}_loss"] = float(value)
+        return weights
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The encoder layers every objective trains through (for the loss-balance diagnostics)."""
+        return [p for p in self.bert.encoder.parameters() if p.requires_grad]
+
     def set_output_embeddings(self, new_embeddings):
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias

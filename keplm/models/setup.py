@@ -47,6 +47,12 @@ class ModelConfig(Section):
     lambda_mnem: float = Field(2.0, description="SMedBERT λ1: weight of MNeM in the loss (eq. 22)")
     lambda_mmem: float = Field(4.0, description="SMedBERT λ2: weight of MMeM in the loss (eq. 22)")
     mnem_logq_scale: float | None = Field(None, description="c of −c·log Q in eq. 19; unset: µ (as printed)")
+    mmem_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="SMedBERT eq. 21: mean = the mean squared error over dimensions and covered mentions "
+                            "(the text's 'Mean-Squared Error'); sum = the printed Σ over dimensions and mentions")
+    mmem_mentions: Literal["masked", "all"] = Field(
+        "masked", description="SMedBERT MMeM on the mentions the MLM masked (the prose's 'the masked mention') "
+                              "or on every linked mention (eq. 21's M_s)")
     use_type_attention: bool = Field(True, description="SMedBERT: type attention (eq. 3); false = Table 4's "
                                                        "-type_att")
     use_hybrid_attention: bool = Field(True, description="SMedBERT: hybrid knowledge attention; false = "
@@ -160,6 +166,7 @@ def build_pretraining_setup(cfg: ModelConfig, batches: BatchConfig, prepare_dir:
                                 num_entity_types=len(knowledge.type_names), kg_dim=ent.shape[1], kg_relation_dim=rel.shape[1],
                                 hybrid_layer=cfg.hybrid_layer, mu=cfg.mu, lambda_mnem=cfg.lambda_mnem,
                                 lambda_mmem=cfg.lambda_mmem, mnem_logq_scale=cfg.mnem_logq_scale,
+                                mmem_reduction=cfg.mmem_reduction, mmem_mentions=cfg.mmem_mentions,
                                 use_type_attention=cfg.use_type_attention, use_hybrid_attention=cfg.use_hybrid_attention,
                                 use_knowledge_loss=cfg.use_knowledge_loss, kg_trainable=cfg.kg_trainable)
         config._attn_implementation = cfg.attn_implementation

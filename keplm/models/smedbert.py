@@ -19,8 +19,20 @@ One file, config beside model. Notation follows the paper: d1 = ``hidden_size``,
   A neighbour whose triple is (neighbour, r, mention) uses the inverse relation (M_r, −h_r): TransR's
   h·M_r + r = t·M_r is the same as t·M_r − r = h·M_r.
 - Masked Mention Modeling (§3.4.2): eq. 20 Y_m from the backbone's own input word embeddings Γp of the
-  original (unmasked) tokens, through the same f_sp, W_sa and LN as eq. 12, as a fixed target
-  (no gradient); eq. 21 Σ_m ||h_mf − Y_m||² per sample, averaged over samples.
+  original (unmasked) tokens, through the same f_sp and W_sa as eq. 12, as a fixed target (no gradient).
+  Readings taken (the printed eq. 21 is Σ_m ||h_mf − Y_m||² over "the set of mentions of sample s"):
+  * **Reduction** (``mmem_reduction``): the text calls it a "Mean-Squared Error", and λ2 = 4 > λ1 = 2 only
+    makes sense for a term of order one, so the default is ``mean``: the mean over the d2 dimensions and over
+    the mentions it covers (every mention in the batch weighs the same). ``sum`` is the printed Σ over
+    dimensions and mentions per sample, averaged over samples (at BERT-base it is hundreds of times MLM).
+  * **Mentions** (``mmem_mentions``): the prose says MMeM "transfers the semantic information in
+    neighboring entities back to **the masked mention**" and "gathering [it] back … to the masked target";
+    reconstructing a mention the model can read is no task, so the default is ``masked``: the mentions whose
+    every token the MLM chose (labels ≠ −100). ``all`` is eq. 21's M_s read as every linked mention.
+  * **Normalisation**: both sides are compared after a LayerNorm *without* its affine weight and bias. With
+    the shared trainable ``ln_sa`` on both sides (as eq. 12 and 20 print LN), shrinking its weight lowers the
+    loss without learning anything; standardised vectors cannot cheat that way, and their mean squared
+    distance is at most 4 (2 when unrelated). h_mf of MNeM keeps ``ln_sa`` (MNeM compares cosines).
 - Loss (eq. 22): L_EX (MLM + SOP) + λ1·MNeM + λ2·MMeM, each term returned separately.
 - Ablations (Table 4): ``use_type_attention=False`` (α_τ ≡ 1, no W_t/W_t'/W_a), ``use_hybrid_attention=False``
   (no §3.3 module at all), ``use_knowledge_loss=False`` (no MNeM/MMeM, no W_sa/f_sp of §3.4).
@@ -51,7 +63,8 @@ class SMedBertConfig(BertConfig):
                  kg_relation_dim: int | None = None, hybrid_layer: int = 10, mu: float = 10.0,
                  lambda_mnem: float = 2.0, lambda_mmem: float = 4.0, use_type_attention: bool = True,
                  use_hybrid_attention: bool = True, use_knowledge_loss: bool = True, kg_trainable: bool = False,
-                 mnem_logq_scale: float | None = None, **kwargs):
+                 mnem_logq_scale: float | None = None, mmem_reduction: str = "mean", mmem_mentions: str = "masked",
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_entities = num_entities
         self.num_relations = num_relations
@@ -67,6 +80,8 @@ class SMedBertConfig(BertConfig):
         self.use_knowledge_loss = use_knowledge_loss
         self.kg_trainable = kg_trainable
         self.mnem_logq_scale = mnem_logq_scale
+        self.mmem_reduction = mmem_reduction
+        self.mmem_mentions = mmem_mentions
 
 
 @dataclass
@@ -192,10 +207,32 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
         for param, value in ((self.kg.entity, entity_emb), (self.kg.relation, relation_emb), (self.kg.proj, relation_proj)):
             copy_into(param, value, "KG tensor")
 
-    def _mention_repr(self, hidden, spans, span_mask, width: int | None = None):
-        """eq. 12 / eq. 20: LN(σ(f_sp(span tokens)·W_sa))."""
+    def _mention_features(self, hidden, spans, span_mask, width: int | None = None):
+        """eq. 12 / eq. 20 before their LN: σ(f_sp(span tokens)·W_sa) -> (B, M, d2)."""
         tokens, tok_mask = gather_spans(hidden, spans, span_mask, width)
-        return self.ln_sa(F.gelu(self.w_sa(self.ctx_pool(tokens, tok_mask))))
+        return F.gelu(self.w_sa(self.ctx_pool(tokens, tok_mask)))
+
+    def mmem_loss(self, features, labels, input_ids, spans, span_mask, width: int | None = None):
+        """eq. 20-21 (readings in the module docstring): MSE between the standardised mention features of the
+        encoder output and those of the original tokens' input embeddings; None when no mention is covered."""
+        cfg = self.config
+        covered = span_mask
+        if cfg.mmem_mentions == "masked":
+            if labels is None:
+                return None
+            chosen, tok_mask = gather_spans((labels >= 0).unsqueeze(-1).to(features.dtype), spans, span_mask, width)
+            covered = span_mask & ((chosen.squeeze(-1) > 0) | ~tok_mask).all(-1)
+        if not bool(covered.any()):
+            return None
+        original = torch.where(labels >= 0, labels, input_ids) if labels is not None else input_ids
+        with torch.no_grad():   # Y_m: a fixed target
+            target = self._mention_features(self.bert.embeddings.word_embeddings(original), spans, span_mask, width)
+        d2 = features.size(-1)
+        sq = (F.layer_norm(features, (d2,)) - F.layer_norm(target, (d2,))) ** 2          # (B, M, d2)
+        weights = covered.to(sq.dtype)
+        if cfg.mmem_reduction == "sum":   # the printed Σ_m ||·||² per sample, averaged over samples
+            return (sq.sum(-1) * weights).sum(1).mean()
+        return (sq.mean(-1) * weights).sum() / weights.sum()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, sop_label=None,
                 mention_spans=None, mention_mask=None, neighbour_ids=None, neighbour_relation=None,
@@ -220,17 +257,11 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
 
         mnem = mmem = None
         if cfg.use_knowledge_loss and has_mentions:
-            h_mf = self._mention_repr(seq, mention_spans, mention_mask, width)           # (B, M, d2)
+            features = self._mention_features(seq, mention_spans, mention_mask, width)  # (B, M, d2)
             if has_neighbours and negative_ids is not None:
-                mnem = self.mnem_loss(h_mf, neighbour_ids, neighbour_relation, neighbour_mask,
-                                      negative_ids, log_q_pos, log_q_neg)
-            # Y_m from the original tokens' input embeddings (labels hold the original id where masked)
-            original = torch.where(labels >= 0, labels, input_ids) if labels is not None else input_ids
-            with torch.no_grad():
-                y = self._mention_repr(self.bert.embeddings.word_embeddings(original), mention_spans, mention_mask,
-                                       width)
-            per_mention = ((h_mf - y) ** 2).sum(-1) * mention_mask                      # eq. 21
-            mmem = per_mention.sum(1).mean()
+                mnem = self.mnem_loss(self.ln_sa(features), neighbour_ids, neighbour_relation, neighbour_mask,
+                                      negative_ids, log_q_pos, log_q_neg)                # h_mf of eq. 12
+            mmem = self.mmem_loss(features, labels, input_ids, mention_spans, mention_mask, width)
 
         terms, entity_losses = apply_objectives(self, seq, batch)
         loss = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_mnem, mnem), (cfg.lambda_mmem, mmem), *terms)

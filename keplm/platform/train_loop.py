@@ -43,6 +43,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from keplm.platform.config import Section
+from keplm.platform.loss_balance import diagnostic_due, imbalance_warning, term_gradient_norms
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ class TrainConfig(Section):
                                                "as val_mlm_loss at every checkpoint (the sweep objective)")
     fault_at_step: int | None = Field(None, ge=1, description="fault injection: the last worker's process dies "
                                                               "once, after this step (tests of FailureConfig)")
+    diagnostics_every: int | None = Field(
+        None, ge=0, description="log each weighted loss term's gradient norm on the shared encoder "
+        "(grad_norm/<term>) every N optimizer steps; unset: the first step and every checkpoint; 0: never")
+    diagnostics_max_ratio: float = Field(100.0, gt=0, description="warn when a term's encoder gradient exceeds "
+                                                                 "this multiple of MLM's")
     compile: bool = Field(False, description="torch.compile each repeated block (the encoder layers): fuses "
                                              "LayerNorm/GELU/dropout/residual kernels on GPU; the first steps "
                                              "pay the compile")
@@ -113,6 +119,7 @@ def device_peak_flops(device, override_tflops: float | None) -> float:
         return 100e12
     # CPU: the achieved fp32 matmul rate on this worker's threads, a practical peak
     a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))  # not the global RNG: resume must match
+    a @ a   # warm-up: the first product pays for allocation
     t = time.perf_counter()
     for _ in range(10):
         a @ a
@@ -420,7 +427,15 @@ def train_loop_per_worker(config: dict) -> None:
 
         tracker = MlflowClient(config["tracking_uri"])
     peak = device_peak_flops(device, cfg.peak_tflops)
+    if world > 1 and torch.distributed.is_initialized():
+        # one peak for the whole run: ranks measuring CPU matmuls at the same moment slow each other, and a
+        # rank that measured a low peak reported an MFU above 1
+        peak_t = torch.tensor([peak], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(peak_t, op=torch.distributed.ReduceOp.MAX)
+        peak = float(peak_t)
     use_bf16 = device.type == "cuda"
+    weights = core.loss_weights() if hasattr(core, "loss_weights") else {}
+    shared_params = core.shared_parameters() if hasattr(core, "shared_parameters") else None
 
     def gather(obj):
         if world == 1 or not torch.distributed.is_initialized():
@@ -502,6 +517,7 @@ def train_loop_per_worker(config: dict) -> None:
     while not done:
         micro = 0
         sums: dict[str, Any] = {}
+        diagnostics: dict[str, float] = {}
         if collate_state is not None:  # where the consumed batches left it, whatever the last epoch's thread drew
             collate.rng.bit_generator.state = collate_state
         set_collate_stats(collate, consumed_stats)
@@ -520,6 +536,9 @@ def train_loop_per_worker(config: dict) -> None:
             ctx_mgr = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
             with ctx_mgr, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(**tensors)
+                if micro % cfg.grad_accum == 0 and shared_params and diagnostic_due(
+                        step + 1, start_step, cfg.diagnostics_every, cfg.checkpoint_every):
+                    diagnostics = term_gradient_norms(out, weights, shared_params)
                 (out.loss / cfg.grad_accum).backward()
             for k, v in out.items():  # summed on the device: one host sync per optimizer step, not per term
                 if k.endswith("loss") and v is not None and v.dim() == 0:
@@ -546,6 +565,12 @@ def train_loop_per_worker(config: dict) -> None:
             last.update(rows_skipped_for_balance=skipped, step=step, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=tok_s,
                         samples_per_s=samples_window * world / max(elapsed, 1e-9),
                         mfu=tok_s / world * n_flops / peak, epoch=epoch)
+            if diagnostics:
+                last.update({f"grad_norm/{k}": v for k, v in diagnostics.items()}, peak_tflops=peak / 1e12)
+                warning = imbalance_warning(diagnostics, cfg.diagnostics_max_ratio)
+                if warning and rank == 0:
+                    log.warning("step %d: %s", step, warning)
+                diagnostics = {}
             if device.type == "cuda":
                 last["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             else:
