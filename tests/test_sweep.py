@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -419,21 +420,54 @@ def test_a_trial_that_raises_after_tune_stopped_it_counts_as_killed_not_failed(m
     assert "shutdown_session()" in inspect.getsource(FunctionTrainable.cleanup)
 
 
+DEMO_EVAL = ("evaluate.tasks={sim: {kind: similarity, kg: 'keplm://data/demo/kg', max_queries: 20}, "
+             "probe: {kind: probe, kg: 'keplm://data/demo/kg', max_queries_per_relation: 4, max_answer_tokens: 4}}")
+
+
 @pytest.mark.slow
-def test_ablate_runs_the_grid_with_seeds_and_compare_aggregates_it(tmp_path):
+def test_ablate_runs_the_grid_with_seeds_evaluates_each_trial_and_reports(tmp_path):
+    report = tmp_path / "report"
     r = keplm("ablate", "--model", "smedbert", "--config", "configs/sweep-demo.yaml", "--output", tmp_path / "abl",
-              "ablate.variants=[full, -know_loss]", "ablate.seeds=2", "train.max_steps=8", "train.checkpoint_every=4")
+              "ablate.variants=[full, -know_loss, none]", "ablate.seeds=2", "train.max_steps=8",
+              "train.checkpoint_every=4", DEMO_EVAL, "ablate.evaluate=[sim, probe]", f"ablate.report_dir={report}",
+              "ablate.report_metrics=[sim.acc_at_1, probe.recall_at_5, val_mlm_loss, mnem_loss]")
     res = last_json(r)
-    assert res["trials"] == 4 and res["failed"] == 0
+    assert res["trials"] == 6 and res["failed"] == 0
     uri = f"sqlite:///{tmp_path / 'abl' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    children = client.search_runs([client.get_experiment_by_name("keplm").experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{res['parent_run']}'")
+    by_variant: dict[str, list] = {}
+    for ch in children:
+        by_variant.setdefault(ch.data.tags["keplm.variant"], []).append(ch)
+        assert ch.info.status == "FINISHED"
+        # every trial's model was evaluated on each task, logged to its own run
+        assert {"sim.acc_at_1", "probe.recall_at_5"} <= set(ch.data.metrics), ch.data.tags["keplm.variant"]
+        assert 0 <= ch.data.metrics["sim.acc_at_1"] <= 1 and 0 <= ch.data.metrics["probe.recall_at_5"] <= 1
+    # the not-pretrained variant trains nothing: no step, no loss; the others trained 8 steps
+    assert all("mlm_loss" not in ch.data.metrics for ch in by_variant["none"]) and len(by_variant["none"]) == 2
+    assert all(ch.data.metrics["step"] == 8 for ch in by_variant["full"])
+    # seeds give different models: the untrained backbones differ between seeds 0 and 1
+    weights = {}
+    for ch in by_variant["none"]:
+        from safetensors.torch import load_file
+
+        trial_dir = tmp_path / "abl" / "trials" / ch.data.tags["keplm.trial_id"] / "model"
+        weights[ch.data.tags["keplm.seed"]] = load_file(str(trial_dir / "model.safetensors"))
+    key = "bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(weights["0"][key], weights["1"][key])
+    # the report the ablation wrote: every variant, mean ± std over its 2 seeds, how to reproduce it
+    md = (report / "report.md").read_text(encoding="utf-8")
+    for variant in ("full", "-know_loss", "none"):
+        assert f"| {variant} |" in md, variant
+    assert "keplm ablate" in md and "configs/sweep-demo.yaml" in md and "±" in md
+    assert (report / "dots_sim.acc_at_1.png").is_file() or any(report.glob("dots_*.png"))
     c = last_json(keplm("compare", "--experiment", "keplm", "--tracking-uri", uri, "--output", tmp_path / "cmp"))
     rows = {row["variant"]: row for row in c["rows"]}
-    assert set(rows) == {"full", "-know_loss"} and rows["full"]["n"] == rows["-know_loss"]["n"] == 2
+    assert set(rows) == {"full", "-know_loss", "none"} and rows["full"]["n"] == rows["-know_loss"]["n"] == 2
     assert "mnem_loss" in rows["full"] and "mnem_loss" not in rows["-know_loss"]   # the ablation removed its loss
-    children = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("keplm").experiment_id],
-                                             f"tags.`mlflow.parentRunId` = '{res['parent_run']}'")
-    vals = sorted(ch.data.metrics["val_mlm_loss"] for ch in children if ch.data.tags["keplm.variant"] == "full")
-    assert rows["full"]["val_mlm_loss"][0] == pytest.approx(sum(vals) / 2)
+    vals = sorted(ch.data.metrics["val_mlm_loss"] for ch in by_variant["full"])
+    assert rows["full"]["val_mlm_loss"]["mean"] == pytest.approx(sum(vals) / 2)
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ from keplm.platform.manifest import hash_inputs, write_manifest
 
 log = logging.getLogger(__name__)
 EVALUATE_SCHEMA_VERSION = 1
-SUMMARY_METRICS = ("test_f1", "test_precision", "test_recall", "test_accuracy", "dev_f1", "acc_at_1")
+SUMMARY_METRICS = ("test_f1", "test_precision", "test_recall", "test_accuracy", "dev_f1", "acc_at_1", "recall_at_5",
+                   "recall_at_5_type1", "recall_at_5_type2")
 
 
 def pretrain_run_of(model_dir: Path) -> tuple[str | None, str | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def run_ablate(args: argparse.Namespace) -> int:
     from keplm.tuning.sweep import ablate
 
     cfg, out, uri = _setup(args)
-    summary = ablate(cfg, out, uri, args.model)
+    argv = sys.argv[2:] if sys.argv[1:2] == ["ablate"] else sys.argv[1:]   # `keplm ablate …` or `-m keplm.jobs.ablate …`
+    command = shlex.join(["keplm", "ablate", *argv])
+    summary = ablate(cfg, out, uri, args.model, command=command, config_path=args.config)
     print(json.dumps({"job": "ablate", "output": str(out), "tracking_uri": uri, **summary}, ensure_ascii=False, default=str))
     return 0
 

@@ -113,7 +113,15 @@ class AblateConfig(Section):
     seeds: int = Field(3, ge=1, description="runs per variant, with seeds 0..n-1 (train.seed and batches.seed)")
     variants: list[str] | None = Field(None, description="subset of the model's grid (default: all of it)")
     objective: Literal["val_mlm_loss", "proxy_f1"] = Field("val_mlm_loss", description="what Tune records per trial")
+    evaluate: list[str] = Field(default_factory=list, description="names of evaluate.tasks run on every trial's final "
+                                "model (the trial's seed), logged to its run as <task>.<metric>")
+    report_dir: str | None = Field(None, description="write keplm compare's report of the ablation here when it ends "
+                                   "(table, plots, command, config, git SHA, wall times)")
+    report_metrics: list[str] | None = Field(None, description="the report's columns (default: the known ones present)")
 
+
+# The variant that is not pretrained at all: the backbone as pretraining would start it, fine-tuned directly.
+NOT_PRETRAINED = "none"
 
 # The papers' ablation grids: variant -> config overrides.
 ABLATION_GRIDS: dict[str, dict[str, dict[str, Any]]] = {
@@ -126,6 +134,7 @@ ABLATION_GRIDS: dict[str, dict[str, dict[str, Any]]] = {
         "whole_entity": {"model.kind": "wem"},
         "ernie": {"model.kind": "ernie"},
         "+embert_heads": {"model.objectives": ["cecp", "est", "bem"]},   # composition: EMBERT's heads on SMedBERT
+        NOT_PRETRAINED: {"model.kind": "mlm"},
     },
     "kebiolm": {    # KeBioLM Tables 3-4
         "full": {},

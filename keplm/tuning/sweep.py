@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +69,19 @@ def _parent_run(client, cfg, out: Path, job: str, params: dict, key: str, key_pa
 
 def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: str, num_samples: int,
              search_alg=None, scheduler=None, max_concurrent: int, kinds: set[str], model: str | None,
-             tracking_uri: str, proxy_task: dict | None = None, objective: str, rungs: list[int] | None = None) -> dict:
+             tracking_uri: str, proxy_task: dict | None = None, objective: str, rungs: list[int] | None = None,
+             eval_tasks: dict[str, dict] | None = None) -> dict:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
     from keplm.models.pipeline import ensure_stages
 
     out.mkdir(parents=True, exist_ok=True)
-    stages = {}
+    stages, stage_seconds = {}, {}
     for kind in sorted(kinds):
+        t = time.perf_counter()
         st = ensure_stages(cfg, out / "stages", kind=kind)
+        stage_seconds[f"time.stages_{kind}_s"] = time.perf_counter() - t
         stages[kind] = {k: (str(v.resolve()) if v else None) for k, v in st.items()}
     client = MlflowClient(tracking_uri)
     key_parts = sweep_key(cfg)
@@ -85,12 +89,15 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
     parent = _parent_run(client, cfg, out, job, {"param_space": {k: str(v) for k, v in param_space.items()},
                                                  "metric": metric, "mode": mode, "num_samples": num_samples},
                          key, key_parts, tracking_uri)
+    for name, seconds in stage_seconds.items():
+        client.log_metric(parent, name, seconds)
     base = dump_config(cfg)
     shared = {"base": base, "stages": stages, "tracking_uri": tracking_uri, "parent_run": parent, "out": str(out.resolve()),
               "job": job, "model": model, "objective": objective, "proxy_task": proxy_task,
-              "rungs": list(rungs or [])}
-    if objective == "proxy_f1":
-        # the proxy F1 only exists in a trial's last result; the step reports carry the losses
+              "rungs": list(rungs or []), "eval_tasks": eval_tasks or {}}
+    if objective == "proxy_f1" or job == "ablate":
+        # the proxy F1 only exists in a trial's last result, and the ablation's not-pretrained variant has no
+        # training to report a loss from; the step reports carry the losses
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # the trial function only waits on its Ray Train run; the Train workers hold the CPUs/GPUs
     trainable = tune.with_resources(tune.with_parameters(pretrain_trial, shared=shared), {"cpu": 0.01})
@@ -255,7 +262,8 @@ def sweep(cfg, out: Path, tracking_uri: str) -> dict:
                     rungs=scheduler.milestones if isinstance(scheduler, SynchronousHalving) else None)
 
 
-def ablate(cfg, out: Path, tracking_uri: str, model: str) -> dict:
+def ablate(cfg, out: Path, tracking_uri: str, model: str, command: str | None = None,
+           config_path: str | None = None) -> dict:
     from ray import tune
 
     if model not in ABLATION_GRIDS:
@@ -272,13 +280,38 @@ def ablate(cfg, out: Path, tracking_uri: str, model: str) -> dict:
         "model": cfg.model.model_copy(update={"kind": model}),
         "train": cfg.train.model_copy(update={"num_workers": sc.trial_workers, "cpus_per_worker": sc.cpus_per_worker,
                                               "gpus_per_worker": sc.gpus_per_worker})})
+    missing = [t for t in cfg.ablate.evaluate if t not in cfg.evaluate.tasks]
+    if missing:
+        raise KeplmError(f"ablate.evaluate names {missing}, which evaluate.tasks does not declare "
+                         f"({sorted(cfg.evaluate.tasks)})")
+    eval_tasks = {t: cfg.evaluate.tasks[t].model_dump(mode="json") for t in cfg.ablate.evaluate}
     space = {"variant": tune.grid_search(variants), "seed": tune.grid_search(list(range(cfg.ablate.seeds)))}
     metric = cfg.ablate.objective
     proxy = _proxy_task(cfg) if metric == "proxy_f1" else None
-    return run_tune(cfg, out, "ablate", space, metric=metric, mode="min" if metric.endswith("loss") else "max",
-                    num_samples=1, max_concurrent=sc.max_concurrent, model=model,
-                    kinds=kinds_in(cfg, [grid[v] for v in variants]), tracking_uri=tracking_uri,
-                    proxy_task=proxy, objective=metric)
+    started = time.time()
+    summary = run_tune(cfg, out, "ablate", space, metric=metric, mode="min" if metric.endswith("loss") else "max",
+                       num_samples=1, max_concurrent=sc.max_concurrent, model=model,
+                       kinds=kinds_in(cfg, [grid[v] for v in variants]), tracking_uri=tracking_uri,
+                       proxy_task=proxy, objective=metric, eval_tasks=eval_tasks)
+    if cfg.ablate.report_dir:
+        summary["report"] = write_report(cfg, summary, tracking_uri, started, model, command, config_path)
+    return summary
+
+
+def write_report(cfg, summary: dict, tracking_uri: str, started: float, model: str, command: str | None,
+                 config_path: str | None) -> str:
+    """keplm compare's report of the ablation that just ended (its setup list carries the git SHA, the dates and
+    the parent's ``time.*`` wall times: stages and trials), with the command that reproduces it."""
+    from mlflow.tracking import MlflowClient
+
+    from keplm.platform.config import resolve_path
+    from keplm.tuning.report import compare
+
+    out = Path(resolve_path(cfg.ablate.report_dir))
+    meta = {"model": model, "wall time, the whole ablation": f"{time.time() - started:.0f} s"}
+    compare(MlflowClient(tracking_uri), cfg.tracking.experiment, out, summary["parent_run"], cfg.ablate.report_metrics,
+            meta=meta, command=command, config_path=config_path)
+    return str(out / "report.md")
 
 
 def _proxy_task(cfg) -> dict:

@@ -14,11 +14,13 @@ the trial raises and KILLED when Tune stopped it.
 
 from __future__ import annotations
 
+import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
-from keplm.tuning.space import ABLATION_GRIDS, config_key, merge, nest
+from keplm.tuning.space import ABLATION_GRIDS, NOT_PRETRAINED, config_key, merge, nest
 
 
 def trial_overrides(config: dict[str, Any], model: str | None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -77,6 +79,14 @@ def pretrain_trial(config: dict, shared: dict) -> None:
         inputs = training_inputs(cfg, stages, trial_dir)
         rungs = shared.get("rungs") or []
         train_cfg = cfg.train.model_copy(update={"pause_at_steps": rungs}) if rungs else cfg.train
+        if config.get("variant") == NOT_PRETRAINED:
+            # the backbone as pretraining would start it, fine-tuned directly: does pretraining help at all?
+            model_dir = untrained_model(inputs["context"], stages["prepare"], trial_dir, cfg.train.seed)
+            evaluate_trial(model_dir, shared.get("eval_tasks") or {}, cfg, client, run_id, step=0)
+            tune.report({"step": 0})
+            client.set_terminated(run_id, status="FINISHED")
+            return
+        t_train = time.perf_counter()
         while True:
             result = run_training(train_cfg, inputs["files"], build_for_worker, inputs["context"], trial_dir,
                                   shared["tracking_uri"], run_id, cfg.batches.max_seq_len, val_files=inputs["val_files"],
@@ -93,6 +103,10 @@ def pretrain_trial(config: dict, shared: dict) -> None:
             # result, i.e. on CONTINUE (this trial was the last to arrive and survived): the next segment
             # resumes from the rung's checkpoint. A PAUSE or STOP ends this process while it waits.
             tune.report(metrics)
+        client.log_metric(run_id, "time.pretrain_s", time.perf_counter() - t_train, step=int(metrics.get("step", 0)))
+        if shared.get("eval_tasks"):
+            evaluate_trial(final_model(result, stages["prepare"], trial_dir), shared["eval_tasks"], cfg, client,
+                           run_id, step=int(metrics.get("step", 0)))
         if shared["objective"] == "proxy_f1":
             f1 = proxy_objective(result, stages["prepare"], trial_dir, cfg, shared["proxy_task"])
             metrics["proxy_f1"] = f1
@@ -139,17 +153,63 @@ def resumed_run(client, parent_run: str, trial_id: str) -> str | None:
     return run.info.run_id
 
 
+def final_model(result, prepare_dir: Path, trial_dir: Path) -> Path:
+    """The trial's last checkpointed model with the prepared tokenizer, as ``trial_dir/model``."""
+    model_dir = trial_dir / "model"
+    with result.checkpoint.as_directory() as d:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(Path(d) / "model", model_dir)
+    shutil.copytree(prepare_dir / "tokenizer", model_dir, dirs_exist_ok=True)
+    return model_dir
+
+
+def untrained_model(context: dict, prepare_dir: Path, trial_dir: Path, seed: int) -> Path:
+    """The trial's model as pretraining would initialise it (same config and seed), saved untrained."""
+    import torch
+
+    from keplm.models.setup import build_for_worker
+
+    torch.manual_seed(seed)   # the train loop seeds the same way before building the model
+    model, _ = build_for_worker(context)
+    model_dir = trial_dir / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    shutil.copytree(prepare_dir / "tokenizer", model_dir, dirs_exist_ok=True)
+    return model_dir
+
+
+def evaluate_trial(model_dir: Path, tasks: dict[str, dict], cfg, client, run_id: str, step: int) -> dict[str, float]:
+    """Each of ``ablate.evaluate``'s tasks on the trial's model (one seed: the trial's), its numeric results
+    logged to the trial's run as ``<task>.<metric>`` (e.g. ``cmedqaner.test_f1``, ``probe.recall_at_5``)."""
+    import torch
+    from mlflow.entities import Metric
+
+    from keplm.models.downstream.tasks import TaskSpec, run_task
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the trial actor holds no CPU of its own: one thread beside the other trial
+    scores: dict[str, float] = {}
+    try:
+        for name, spec in tasks.items():
+            t = time.perf_counter()
+            result = run_task(str(model_dir), TaskSpec(**spec), cfg.finetune, cfg.train.seed)
+            scores.update({f"{name}.{k}": float(v) for k, v in result.items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seed"})
+            scores[f"time.eval_{name}_s"] = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(threads)
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in scores.items() if math.isfinite(v)])
+    return scores
+
+
 def proxy_objective(result, prepare_dir: Path, trial_dir: Path, cfg, task: dict) -> float:
     """Dev F1 of a short NER fine-tuning of the trial's final model (keplm.models.downstream)."""
     from keplm.models.downstream.data import read_ner
     from keplm.models.downstream.finetune import proxy_dev_f1
     from keplm.platform.config import resolve_path
 
-    model_dir = trial_dir / "model"
-    with result.checkpoint.as_directory() as d:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(Path(d) / "model", model_dir)
-    shutil.copytree(prepare_dir / "tokenizer", model_dir, dirs_exist_ok=True)
+    model_dir = final_model(result, prepare_dir, trial_dir)
     train = read_ner(resolve_path(task["train"]), task.get("format"))
     dev = read_ner(resolve_path(task["dev"]), task.get("format"))
     return proxy_dev_f1(model_dir, train, dev, steps=task["steps"], dev_subset=task["dev_subset"], cfg=cfg.finetune)
