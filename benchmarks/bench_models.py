@@ -8,7 +8,8 @@ on CPU in fp32; with a GPU also BERT-base at batch 64 x seq 512 in bf16 with the
 collator makes them: mentions covering ~30 % of tokens, K neighbours each, 10 negatives per neighbour; for
 EMBERT 30 % of the mentions replaced (CECP), segmentation labels on every mention token, one 2-token term
 masked in half of them (BEM); KeBioLM with l0 = 2/3 of the layers, top-k 100, 4,096 sampled EL negatives.
-Median of ``--steps`` timed steps after ``--warmup`` steps.
+Median of ``--steps`` timed steps after ``--warmup`` steps. ``smedbert_diagnostic_step``: a step that also takes
+each loss term's encoder gradient norm (train.diagnostics_every; the steps between run the plain ``smedbert`` step).
 
     python benchmarks/bench_models.py [--steps 5] [--base-batch 4] [--base-seq 128]
 """
@@ -97,8 +98,11 @@ def models(shape: dict, seq: int):
     }
 
 
-def step_time(model, data, steps: int, warmup: int, dtype) -> float:
-    """Median forward + backward + AdamW step, the optimizer as the train loop makes it (fused on GPU)."""
+def step_time(model, data, steps: int, warmup: int, dtype, diagnose: bool = False) -> float:
+    """Median forward + backward + AdamW step, the optimizer as the train loop makes it (fused on GPU);
+    ``diagnose``: every step is a loss-balance diagnostic step (each term's encoder gradient norm first)."""
+    from keplm.platform.loss_balance import term_gradient_norms
+
     cuda = next(model.parameters()).device.type == "cuda"
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
     times = []
@@ -108,8 +112,10 @@ def step_time(model, data, steps: int, warmup: int, dtype) -> float:
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(**data).loss
-        loss.backward()
+            out = model(**data)
+            if diagnose:
+                term_gradient_norms(out, model.loss_weights(), model.shared_parameters())
+        out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
@@ -131,6 +137,8 @@ def run(shape_name: str, b: int, t: int, device, dtype, steps: int, warmup: int,
         if compiled:
             compile_blocks(model)
         out[name] = step_time(model, data, steps, warmup, dtype)
+        if name == "smedbert":   # the training loop's diagnostic steps (the first and each checkpoint's)
+            out["smedbert_diagnostic_step"] = step_time(model, data, steps, warmup, dtype, diagnose=True)
         del model
     base = out["bert_mlm"]
     return {"shape": shape_name, "batch": b, "seq": t, "device": device.type, "dtype": str(dtype).split(".")[-1],

@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def register_ablate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="a paper's ablation grid x seeds as Tune grid trials")
     add_common_args(p)
-    p.add_argument("--model", default="smedbert", help="whose grid: smedbert (SMedBERT Table 4 + baselines) or kebiolm (KeBioLM Tables 3-4)")
+    p.add_argument("--model", default="smedbert", help="whose grid: smedbert (SMedBERT Table 4 + baselines + none), "
+                                                        "kebiolm (KeBioLM Tables 3-4) or embert (EMBERT Tables 4-5)")
     p.set_defaults(func=run_ablate)
 
 
