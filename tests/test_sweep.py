@@ -497,3 +497,15 @@ def test_every_ablation_variant_is_a_valid_config(model):
             section, name = key.split(".")
             assert getattr(getattr(cfg, section), name) == value, (variant, key)
         assert tags["keplm.variant"] == variant
+
+
+def test_ablation_eval_task_paths_are_resolved_in_the_driver(monkeypatch):
+    """Tune runs each trial in its own working directory: a task's relative paths must be absolute before."""
+    from keplm.tuning.sweep import absolute_paths
+
+    monkeypatch.chdir(ROOT)
+    task = absolute_paths({"kind": "ner", "train": "../shared/data/ner/x/train.txt.gz", "dev": "dev.txt",
+                           "test": None, "kg": "keplm://data/demo/kg", "format": "conll"})
+    assert task["train"] == str((ROOT / ".." / "shared/data/ner/x/train.txt.gz").resolve())
+    assert task["dev"] == str(ROOT / "dev.txt") and task["test"] is None and task["format"] == "conll"
+    assert Path(task["kg"]).is_dir() and Path(task["kg"]).is_absolute()

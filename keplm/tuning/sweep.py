@@ -284,7 +284,7 @@ def ablate(cfg, out: Path, tracking_uri: str, model: str, command: str | None = 
     if missing:
         raise KeplmError(f"ablate.evaluate names {missing}, which evaluate.tasks does not declare "
                          f"({sorted(cfg.evaluate.tasks)})")
-    eval_tasks = {t: cfg.evaluate.tasks[t].model_dump(mode="json") for t in cfg.ablate.evaluate}
+    eval_tasks = {t: absolute_paths(cfg.evaluate.tasks[t].model_dump(mode="json")) for t in cfg.ablate.evaluate}
     space = {"variant": tune.grid_search(variants), "seed": tune.grid_search(list(range(cfg.ablate.seeds)))}
     metric = cfg.ablate.objective
     proxy = _proxy_task(cfg) if metric == "proxy_f1" else None
@@ -314,10 +314,21 @@ def write_report(cfg, summary: dict, tracking_uri: str, started: float, model: s
     return str(out / "report.md")
 
 
+TASK_PATHS = ("train", "dev", "test", "augmented_train", "kg")
+
+
+def absolute_paths(task: dict) -> dict:
+    """A task's file paths resolved here, in the driver: Tune runs each trial in its own working directory, where
+    a path relative to the one the command ran in points nowhere."""
+    from keplm.platform.config import resolve_path
+
+    return {k: (str(Path(resolve_path(v)).resolve()) if k in TASK_PATHS and v else v) for k, v in task.items()}
+
+
 def _proxy_task(cfg) -> dict:
     name = cfg.sweep.proxy_task
     task = cfg.evaluate.tasks.get(name or "")
     if task is None or task.kind != "ner":
         raise KeplmError(f"sweep.proxy_task {name!r} is not an ner task of evaluate.tasks ({sorted(cfg.evaluate.tasks)})")
-    return {"train": task.train, "dev": task.dev, "format": task.format, "steps": cfg.sweep.proxy_steps,
-            "dev_subset": cfg.sweep.proxy_dev_subset}
+    return absolute_paths({"train": task.train, "dev": task.dev, "format": task.format, "steps": cfg.sweep.proxy_steps,
+                           "dev_subset": cfg.sweep.proxy_dev_subset})
