@@ -238,6 +238,7 @@ class KnowledgeCollator:
         if self.knowledge is not None:
             out.update(self._neighbours(out["mention_entity"].numpy(), out["mention_mask"].numpy()))
         self.stats["samples"] += b
+        self.stats["tokens"] += int(out["attention_mask"].sum())   # non-padding tokens: the card's "tokens seen"
         return out
 
     def _neighbours(self, entity: np.ndarray, mask: np.ndarray) -> dict[str, torch.Tensor]:
