@@ -196,6 +196,9 @@ def finetune_ner(model_dir, train: NerSet, dev: NerSet, test: NerSet | None, cfg
     seed_everything(seed)
     device = pick_device(cfg.device)
     pretrained, tokenizer = load_pretrained(model_dir)
+    # again after loading: what from_pretrained initialised (a pooler or SOP head the checkpoint lacks, as an
+    # export's) drew from the RNG, and the head and dropout must not depend on it (full checkpoint == its export)
+    seed_everything(seed)
     train, dev = train.subset(cfg.train_subset), dev.subset(cfg.dev_subset)
     labels = train.label_set()
     label_ids = {t: i for i, t in enumerate(labels)}
@@ -268,6 +271,7 @@ def finetune_pairs(model_dir, train: PairSet, dev: PairSet, test: PairSet | None
     seed_everything(seed)
     device = pick_device(cfg.device)
     pretrained, tokenizer = load_pretrained(model_dir)
+    seed_everything(seed)   # as in finetune_ner: the head's init does not depend on what the checkpoint lacked
     train, dev = train.subset(cfg.train_subset), dev.subset(cfg.dev_subset)
     model = PairClassifier(pretrained.bert, 2, cfg.dropout, freeze_encoder=cfg.mode == "feature").to(device)
     del pretrained
