@@ -14,6 +14,7 @@ from keplm.kg.embed import EmbedConfig
 from keplm.kg.graph import GraphConfig
 from keplm.kg.pepr import PEPRConfig
 from keplm.kg.prepare import PrepareConfig
+from keplm.models.export import ExportConfig
 from keplm.models.downstream.finetune import FinetuneConfig
 from keplm.models.downstream.tasks import EvaluateConfig
 from keplm.models.setup import BatchConfig, ModelConfig
@@ -38,6 +39,7 @@ class KeplmConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> KeplmConfig:

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from keplm import __version__
-from keplm.jobs import ablate, augment, compare, evaluate, finetune, kg, prepare, pretrain, sweep, vocab
+from keplm.jobs import ablate, augment, compare, evaluate, export, finetune, kg, prepare, pretrain, sweep, vocab
 from keplm.jobs.common import run_job
 
-JOBS = [pretrain, prepare, vocab, kg, finetune, evaluate, augment, sweep, ablate, compare]
+JOBS = [pretrain, prepare, vocab, kg, finetune, evaluate, augment, sweep, ablate, compare, export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,8 @@ SECTION_INTROS: dict[str, str] = {
     "evaluate": "`keplm evaluate`: the tasks, the seeds and the resources of each run.",
     "sweep": "`keplm sweep`: search space, objective, scheduler and trial resources (also used by `keplm ablate`).",
     "ablate": "`keplm ablate`: seeds, variants, the evaluation of each trial and the report.",
+    "export": "The plain BERT export and the model cards: `keplm export`, and the `model-bert` `keplm pretrain` "
+              "writes beside its model.",
 }
 
 _BOUNDS = (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
