@@ -20,7 +20,10 @@ fewer than one batch per worker — are counted as ``rows_skipped_for_balance``)
 
 Checkpoint (every ``checkpoint_every`` optimizer steps and at the end): ``model/`` (``save_pretrained``,
 safetensors), ``state.pt`` (optimizer, scheduler, step, epoch, batch position in the epoch, torch and
-collator RNG states). Ray Train V2 restores the latest checkpoint when the same run (``RunConfig`` name
+collator RNG states, the collators' counts): tensors and plain data only (the numpy RNG state is a dict of
+ints, the counts a dict of ints), so it is read back with ``torch.load(weights_only=True)``: a ``state.pt``
+that holds any other pickled object (e.g. one planted in a shared ``train.storage_path``) is refused, never
+unpickled. Ray Train V2 restores the latest checkpoint when the same run (``RunConfig`` name
 and storage path) is started again or when a worker fails (``FailureConfig(max_failures)``), and the loop
 resumes from it: same step, same data position, same RNG.
 
@@ -221,7 +224,24 @@ class Prefetcher:
 def collate_stats(collate) -> dict | None:
     """A copy of the collator's ``stats`` counts (what it cut, dropped or padded), if it keeps them."""
     stats = getattr(collate, "stats", None)
-    return dict(stats) if isinstance(stats, dict) else None
+    if not isinstance(stats, dict):
+        return None
+    # plain str -> int/float (no numpy scalars, no Counter): what ``torch.load(weights_only=True)`` reads back
+    return {str(k): (int(v) if float(v).is_integer() else float(v)) for k, v in stats.items()}
+
+
+def load_train_state(path: str | Path) -> dict:
+    """``state.pt`` read with ``weights_only=True``: tensors and plain data only, never an arbitrary pickle."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RuntimeError(f"{path}: refusing to load a checkpoint state that holds objects other than tensors and "
+                           f"plain data (weights_only=True): {first}") from None
 
 
 def set_collate_stats(collate, stats: dict | None) -> None:
@@ -396,7 +416,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+            state = load_train_state(Path(d) / "state.pt")
             from safetensors.torch import load_file
 
             weights = load_file(str(Path(d) / "model" / "model.safetensors"))
