@@ -265,6 +265,36 @@ def test_two_worker_run_trains_logs_and_checkpoints(chain):
 
 
 @pytest.mark.slow
+def test_pretrain_writes_a_plain_bert_export_and_a_model_card_in_both(chain):
+    import yaml
+
+    out, r = chain
+    res = last_json(r)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["bert_model_dir"] == str(out / "model-bert")
+    assert manifest["command"].startswith("keplm pretrain --config configs/demo.yaml --output ")
+    assert set(manifest["stages"]) == {"prepare", "graph", "neighbours", "embed"}
+    bert = json.loads((out / "model-bert" / "config.json").read_text())
+    assert bert["model_type"] == "bert" and bert["architectures"] == ["BertForMaskedLM"]
+    assert (out / "model-bert" / "model.safetensors").is_file() and (out / "model-bert" / "tokenizer.json").is_file()
+    for d, tag in ((out / "model", "keplm-full-checkpoint"), (out / "model-bert", "keplm-export")):
+        text = (d / "README.md").read_text(encoding="utf-8")
+        header = yaml.safe_load(text.split("---\n")[1])
+        assert header["library_name"] == "transformers" and header["language"] == "zh"
+        assert {"keplm", "smedbert", tag} <= set(header["tags"])
+        assert header.get("pipeline_tag") == ("fill-mask" if tag == "keplm-export" else None)
+        assert res["mlflow_run_id"] in text and manifest["command"] in text and "Not evaluated" in text
+        assert text.count("| verified |") == 4 and "| MNeM | 2 |" in text
+        # data.tokens: the tokens trained on were counted (12 steps x 8 rows, each under 128 tokens)
+        assert f"| tokens seen | {res['counts']['data.tokens']:,} (counted" in text
+        assert 96 * 8 < res["counts"]["data.tokens"] <= 96 * 128
+        assert (d / "pretrain-config.yaml").is_file()
+    client = MlflowClient(res["counts"].get("tracking_uri") or f"sqlite:///{out / 'mlflow.db'}")
+    assert {a.path for a in client.list_artifacts(res["mlflow_run_id"], "model-bert")} >= {"model-bert/README.md",
+                                                                                           "model-bert/config.json"}
+
+
+@pytest.mark.slow
 def test_rerun_reuses_stages_and_stop_then_resume_is_exact(chain, tmp_path):
     out, full = chain
     # the same command again: every stage reused, training already finished -> same final loss

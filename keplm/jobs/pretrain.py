@@ -36,6 +36,17 @@ def tracking_uri_for(cfg, out: Path) -> str:
     return tracking_uri(cfg.tracking) or f"sqlite:///{(out / 'mlflow.db').resolve()}"
 
 
+def invocation(args: argparse.Namespace) -> str:
+    """This job's command line as ``keplm pretrain ...`` (the manifest's ``command``, the model card's Reproduce)."""
+    import shlex
+
+    parts = ["keplm", "pretrain", *(["--config", args.config] if args.config else []), "--output", args.output]
+    for flag in ("prepared", "neighbours", "embeddings"):
+        if getattr(args, flag, None):
+            parts += [f"--{flag}", getattr(args, flag)]
+    return shlex.join(parts + list(args.overrides))
+
+
 def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -73,16 +84,28 @@ def run(args: argparse.Namespace) -> int:
         raise KeplmError(f"training failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     metrics = dict(result.metrics or {})
     counts = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}
-    if result.checkpoint is not None and metrics.get("final"):
+    finished = result.checkpoint is not None and metrics.get("final")
+    if finished:
         with result.checkpoint.as_directory() as d:
             shutil.rmtree(out / "model", ignore_errors=True)
             shutil.copytree(Path(d) / "model", out / "model")
         shutil.copytree(stages["prepare"] / "tokenizer", out / "model", dirs_exist_ok=True)
+    summary = {**counts, "mlflow_run_id": run_id, "tracking_uri": uri,
+               "model_dir": str(out / "model") if (out / "model").is_dir() else None}
+    extra = {"stages": {k: str(Path(v).resolve()) for k, v in stages.items() if v is not None},
+             "command": invocation(args), "cwd": str(Path.cwd())}
+    if finished:
+        from keplm.models.model_card import finish_pretrained
+
+        # README.md model cards, and DIR/model-bert (plain BERT for stock transformers) unless export.after_pretrain=false
+        bert = finish_pretrained(out, {"job": "pretrain", "config": keplm_config.dump(cfg), "inputs": lineage,
+                                       "counts": summary, **extra}, cfg.export)
         client.log_artifacts(run_id, str(out / "model"), artifact_path="model")
+        if bert is not None:
+            client.log_artifacts(run_id, str(bert), artifact_path="model-bert")
         client.set_terminated(run_id, status="FINISHED")
-    write_manifest(out, "pretrain", PRETRAIN_SCHEMA_VERSION, keplm_config.dump(cfg), lineage,
-                   {**counts, "mlflow_run_id": run_id, "tracking_uri": uri,
-                    "model_dir": str(out / "model") if (out / "model").is_dir() else None})
+    summary["bert_model_dir"] = str(out / "model-bert") if (out / "model-bert").is_dir() else None
+    write_manifest(out, "pretrain", PRETRAIN_SCHEMA_VERSION, keplm_config.dump(cfg), lineage, summary, **extra)
     print(json.dumps({"job": "pretrain", "output": str(out), "mlflow_run_id": run_id, "counts": counts}))
     return 0
 
