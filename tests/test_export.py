@@ -511,7 +511,7 @@ def fake_pretrain(tmp_path: Path, kind: str = "smedbert") -> tuple[Path, dict]:
     manifest = {"job": "pretrain", "config": keplm_config.dump(cfg),
                 "inputs": {"lineage.prepare": "manifest:" + sha256_file(out / "prepare" / "manifest.json"),
                            "lineage.graph": "manifest:" + sha256_file(out / "graph" / "manifest.json")},
-                "counts": {"step": 12, "final": True, "loss": 7.5, "mlm_loss": 6.25, "mnem_loss": 0.5,
+                "counts": {"step": 12, "final": True, "loss": 7.5, "mlm_loss": 6.25, "mnem_loss": 0.5, "grad_norm/mlm_loss": 0.1,
                            "mlflow_run_id": "feedface", "tracking_uri": "sqlite:///x.db",
                            "model_dir": str(out / "model")},
                 "stages": {"prepare": str(out / "prepare"), "graph": str(out / "graph")},
@@ -536,6 +536,7 @@ def test_finish_pretrained_writes_both_checkpoints_with_cards_and_the_resolved_c
                        "≤ 6,144 (upper bound", "| final mlm_loss | 6.25 |", "Not evaluated", "| MNeM | 2 |",
                        f"`{sha256_file(out / 'prepare' / 'manifest.json')}`"):
             assert needle in text, (d, needle)
+        assert "grad_norm" not in text
         # the resolved config beside the card loads as a keplm config with the run's values
         cfg = keplm_config.load(d / CONFIG_FILE)
         assert cfg.model.kind == "smedbert" and cfg.train.batch_size == 4

@@ -197,8 +197,8 @@ def training_facts(pretrain: dict, config: dict) -> dict:
         tokens, how = int(steps * effective * seq), "upper bound"
     else:
         tokens, how = None, None
-    losses = {k: float(v) for k, v in counts.items()
-              if k.endswith("loss") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    losses = {k: float(v) for k, v in counts.items() if k.endswith("loss") and "/" not in k   # not grad_norm/<term>
+              and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     return {"steps": steps, "final": counts.get("final"), "workers": workers, "batch_size": batch,
             "grad_accum": accum, "effective_batch": effective, "seq_len": seq, "samples": counts.get("data.samples"),
             "tokens_seen": tokens, "tokens_seen_how": how, "lr": train.get("lr"), "final_losses": losses,
@@ -436,10 +436,10 @@ def _data_section(facts: dict) -> list[str]:
         if len(items) > 20:
             out.append(f"| … {len(items) - 20} more | |")
         out.append("")
-    kg = (prep.get("counts") or {}).get("kg") or {}
+    kg = {k: v for k, v in ((prep.get("counts") or {}).get("kg") or {}).items()
+          if k in ("entities", "aliases", "linker_surfaces") and isinstance(v, (int, float))}
     if kg:
-        out += ["KG as the linker read it: " + ", ".join(f"{k} {_n(v)}" for k, v in kg.items()
-                                                       if isinstance(v, (int, float))) + ".", ""]
+        out += ["KG as the linker read it: " + ", ".join(f"{k} {_n(v)}" for k, v in kg.items()) + ".", ""]
     out += ["Stages (their `manifest.json`, hashed; `verified`: the directory still holds what the training read):", "",
             "| stage | path | manifest sha256 | status | counts |", "| --- | --- | --- | --- | --- |"]
     out += [_stage_line(r) for r in stages]
@@ -476,8 +476,9 @@ def _evaluation_section(facts: dict) -> list[str]:
     evals = facts.get("evaluations") or []
     out = ["## Evaluation", ""]
     if not evals:
-        return out + ["Not evaluated: no `keplm evaluate` output of this checkpoint beside it "
-                      "(`keplm evaluate --checkpoint DIR/model --output DIR/eval`, then `keplm export` again).", ""]
+        return out + ["Not evaluated: no `keplm evaluate` output of this checkpoint beside it. After "
+                      "`keplm evaluate --checkpoint DIR/model --output DIR/eval`, `keplm export --checkpoint DIR/model "
+                      "--output DIR/model-bert --update-card` writes the scores into both cards.", ""]
     for e in evals:
         out += [f"`{e['path']}` (weights of `{e['checkpoint']}`; mean ± std over seeds):", "",
                 "| task | kind | runs | " + " | ".join(EVAL_METRICS) + " |", "| --- " * (3 + len(EVAL_METRICS)) + "|"]
