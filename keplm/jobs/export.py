@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
     args.evaluation, overrides = split_overrides(args.evaluation, list(args.overrides))
     cfg = keplm_config.load(args.config, overrides)
     fmt = args.fmt or cfg.export.format
-    src, out = Path(args.checkpoint), Path(args.output)
+    src, out = Path(args.checkpoint), Path(args.export_dir)
     info = export_bert(src, out, fmt, args.tokenizer)
-    command = ["keplm", "export", "--checkpoint", args.checkpoint, "--output", args.output, "--as", fmt]
+    command = ["keplm", "export", "--checkpoint", args.checkpoint, "--output", args.export_dir, "--as", fmt]
     if args.tokenizer:
         command += ["--tokenizer", args.tokenizer]
     pretrain = pretrain_manifest_of(src)
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="a keplm checkpoint as a plain BERT checkpoint (stock transformers) + model card")
     p.add_argument("--checkpoint", required=True, help="a full keplm checkpoint (a keplm pretrain output's model/)")
-    p.add_argument("--output", required=True, help="directory of the export (replaced if present)")
+    # not args.output: the export is a model directory, replaced whole, not a job directory that gets logs/
+    p.add_argument("--output", dest="export_dir", required=True, help="directory of the export (replaced if present)")
     p.add_argument("--as", dest="fmt", choices=sorted(FORMATS),
                    help="bert-mlm: BertForMaskedLM; bert-encoder: BertModel, the trunk alone (default: export.format)")
     p.add_argument("--tokenizer", help="tokenizer directory, when the checkpoint holds none")
