@@ -568,6 +568,8 @@ def test_an_evaluation_beside_the_checkpoint_goes_into_the_card(tmp_path):
 
 def test_keplm_export_job_writes_the_export_and_its_card(tmp_path):
     out, manifest = fake_pretrain(tmp_path)
+    # as a run with a relative --output leaves it: model_dir relative to the directory the job ran in
+    manifest = {**manifest, "cwd": str(tmp_path), "counts": {**manifest["counts"], "model_dir": "run/model"}}
     (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     r = subprocess.run([sys.executable, "-m", "keplm.jobs.export", "--checkpoint", str(out / "model"), "--output",
                         str(tmp_path / "exported"), "--update-card", "export.license=apache-2.0"],

@@ -110,8 +110,10 @@ def pretrain_manifest_of(model_dir: str | Path) -> dict | None:
     if not doc or doc.get("job") != "pretrain":
         return None
     named = (doc.get("counts") or {}).get("model_dir")
-    if named and Path(named).resolve() != model_dir:
-        return None
+    if named:   # as the job wrote it: relative to the directory it ran in
+        named = Path(named) if Path(named).is_absolute() else Path(doc.get("cwd") or ".") / named
+        if named.resolve() != model_dir:
+            return None
     return doc
 
 
