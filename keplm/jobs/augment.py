@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from keplm.jobs.common import module_main
+from keplm.jobs.common import add_verbose_arg, module_main
+from keplm.platform import console
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import hash_inputs, write_manifest
 
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     write_manifest(out, "augment", AUGMENT_SCHEMA_VERSION,
                    {"rate": args.rate, "copies": args.copies, "seed": args.seed, "checkpoint": str(args.checkpoint)},
                    hash_inputs([args.data, args.checkpoint]), counts)
-    print(json.dumps({"job": "augment", "output": str(out), "counts": counts}, ensure_ascii=False))
+    console.add_summary("training set", str(out / "train.txt"))
+    console.result(json.dumps({"job": "augment", "output": str(out), "counts": counts}, ensure_ascii=False))
     return 0
 
 
@@ -46,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=0.15, help="share of eligible (non-entity) words masked")
     p.add_argument("--copies", type=int, default=1, help="generated versions per sentence")
     p.add_argument("--seed", type=int, default=0)
+    add_verbose_arg(p)
     p.set_defaults(func=run)
 
 

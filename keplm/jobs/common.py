@@ -1,13 +1,14 @@
-"""Arguments every job takes, and the one-line error handling every job shares."""
+"""Arguments every job takes, its console (``keplm.platform.console``), and the one-line error handling every job
+shares."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from collections.abc import Callable
 
+from keplm.platform import console
 from keplm.platform.errors import KeplmError
 
 
@@ -16,7 +17,14 @@ def add_common_args(parser: argparse.ArgumentParser, output: bool = True) -> Non
     if output:
         parser.add_argument("--output", required=True, help="output directory of this job")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_verbose_arg(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, the libraries' and the workers' log lines on the console too "
+                             "(always in OUTPUT/logs/keplm.log)")
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
@@ -28,11 +36,24 @@ def split_overrides(paths: list[str] | None, overrides: list[str]) -> tuple[list
     return [p for p in paths if not _OVERRIDE.match(p)], overrides + [p for p in paths if _OVERRIDE.match(p)]
 
 
+def job_name(args: argparse.Namespace) -> str:
+    """``pretrain``, ``kg build``: the words of the command after ``keplm``."""
+    return " ".join(w for w in (args.job, getattr(args, "kg_job", None)) if w)
+
+
 def run_job(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run a job; user errors become one line on stderr and their exit code (2 unless the error says)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Run a job in its console session: keplm's lines on stderr, the rest in OUTPUT/logs/keplm.log (``-v``: on
+    stderr too), a closing summary, the job's JSON result last on stdout. User errors become one line on stderr
+    and their exit code (2 unless the error says)."""
+    name = job_name(args)
+    output = getattr(args, "output", None)
     try:
-        return fn(args) or 0
+        with console.Session(name, output, verbose=getattr(args, "verbose", False)) as session:
+            rc = fn(args) or 0
+            session.finish()
+        if session.result_line is not None:
+            print(session.result_line, flush=True)
+        return rc
     except KeplmError as exc:
         print(f"keplm {args.job}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from keplm import config as keplm_config
-from keplm.jobs.common import module_main
+from keplm.jobs.common import add_verbose_arg, module_main
+from keplm.platform import console
 from keplm.platform.errors import KeplmError
 from keplm.platform.tracking import check_tracking, tracking_uri
 
@@ -37,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
         meta[key.strip()] = value.strip()
     res = compare(MlflowClient(uri), args.experiment or cfg.tracking.experiment, Path(args.output), args.parent, metrics,
                   meta=meta or None, command=args.command, config_path=args.config)
-    print(res["markdown"], file=sys.stderr)
+    console.echo(res["markdown"])
     res["rows"] = [{k: (v._asdict() if hasattr(v, "_asdict") else v) for k, v in r.items()} for r in res["rows"]]
-    print(json.dumps({"job": "compare", "output": args.output, **{k: v for k, v in res.items() if k != "markdown"}},
-                     ensure_ascii=False, default=str))
+    console.add_summary("report", str(Path(args.output) / "report.md"))
+    console.result(json.dumps({"job": "compare", "output": args.output,
+                               **{k: v for k, v in res.items() if k != "markdown"}}, ensure_ascii=False, default=str))
     return 0
 
 
@@ -55,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="an extra line of report.md's metadata "
                    "(repeatable)")
     p.add_argument("--output", required=True)
+    add_verbose_arg(p)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=run)
 

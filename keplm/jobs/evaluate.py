@@ -152,9 +152,23 @@ def evaluate_checkpoint(cfg, model_dir: str | Path, out: str | Path, address: st
 
 
 def print_summary(summary: dict) -> None:
+    """One console line per task: mean ± std over its seeds."""
+    from keplm.platform import console
+
     for name, row in summary.items():
         cells = [f"{m} {row[m + '_mean']:.4f} ± {row[m + '_std']:.4f}" for m in SUMMARY_METRICS if m + "_mean" in row]
-        print(f"{name} ({row['runs']} runs): " + ", ".join(cells), file=sys.stderr)
+        console.echo(f"{name} ({row['runs']} runs): " + ", ".join(cells))
+
+
+def add_run_summary(out: str, res: dict) -> None:
+    """The closing summary of evaluate / finetune: outputs, the pretraining run, the command to look at them."""
+    from keplm.platform import console
+    from keplm.platform.tracking import mlflow_ui_command
+
+    console.add_summary("results", str(Path(out) / "results.json"))
+    if res.get("pretrain_run"):
+        console.add_summary("MLflow runs", f"nested under the pretraining run {res['pretrain_run']}")
+    console.add_summary("look at it", mlflow_ui_command(res["tracking_uri"]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.evaluate.tasks = {t: cfg.evaluate.tasks[t] for t in wanted}
     res = evaluate_checkpoint(cfg, args.checkpoint, args.output, args.address, args.parent_run)
     print_summary(res["summary"])
-    print(json.dumps({"job": "evaluate", "output": args.output, **res}, ensure_ascii=False))
+    add_run_summary(args.output, res)
+    console.result(json.dumps({"job": "evaluate", "output": args.output, **res}, ensure_ascii=False))
     return 0
 
 

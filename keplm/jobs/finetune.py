@@ -13,8 +13,9 @@ import sys
 
 from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main
-from keplm.jobs.evaluate import add_checkpoint_args, evaluate_checkpoint, print_summary
+from keplm.jobs.evaluate import add_checkpoint_args, add_run_summary, evaluate_checkpoint, print_summary
 from keplm.models.downstream.tasks import TaskSpec
+from keplm.platform import console
 from keplm.platform.errors import ConfigError
 
 
@@ -35,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     cfg.evaluate.tasks = {args.name or args.kind: spec}
     res = evaluate_checkpoint(cfg, args.checkpoint, args.output, args.address, args.parent_run)
     print_summary(res["summary"])
-    print(json.dumps({"job": "finetune", "output": args.output, **res}, ensure_ascii=False))
+    add_run_summary(args.output, res)
+    console.result(json.dumps({"job": "finetune", "output": args.output, **res}, ensure_ascii=False))
     return 0
 
 

@@ -8,6 +8,8 @@ import sys
 
 from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main
+from keplm.platform import console
+from keplm.platform.manifest import describe_counts
 from keplm.platform.ray_session import connect
 
 
@@ -26,9 +28,12 @@ def build(args: argparse.Namespace) -> int:
     kg = args.kg or cfg.prepare.kg  # default: the KG the corpus was prepared with
     if not kg:
         raise KeplmError("kg build: no KG given (--kg DIR or prepare.kg in the config)")
-    counts = build_graph(resolve_path(kg), args.output, cfg.graph, _dump(cfg, "graph") | {"kg": str(kg)},
-                         corpus_dir=args.corpus)
-    print(json.dumps({"job": "kg build", "output": args.output, "counts": counts}, ensure_ascii=False))
+    with console.stage("graph") as st:
+        counts = build_graph(resolve_path(kg), args.output, cfg.graph, _dump(cfg, "graph") | {"kg": str(kg)},
+                             corpus_dir=args.corpus)
+        st["counts"] = describe_counts("kg_build", counts)
+    console.add_summary("output", args.output)
+    console.result(json.dumps({"job": "kg build", "output": args.output, "counts": counts}, ensure_ascii=False))
     return 0
 
 
@@ -37,8 +42,11 @@ def neighbours(args: argparse.Namespace) -> int:
 
     cfg = keplm_config.load(args.config, list(args.overrides))
     connect(cfg.ray, args.address)
-    counts = run_neighbours(args.graph, args.output, cfg.pepr, _dump(cfg, "pepr"))
-    print(json.dumps({"job": "kg neighbours", "output": args.output, "counts": counts}, ensure_ascii=False))
+    with console.stage("neighbours") as st:
+        counts = run_neighbours(args.graph, args.output, cfg.pepr, _dump(cfg, "pepr"))
+        st["counts"] = describe_counts("kg_neighbours", counts)
+    console.add_summary("output", args.output)
+    console.result(json.dumps({"job": "kg neighbours", "output": args.output, "counts": counts}, ensure_ascii=False))
     return 0
 
 
@@ -48,8 +56,11 @@ def embed(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"embed.model={args.model}"] if args.model else [])
     cfg = keplm_config.load(args.config, overrides)
     connect(cfg.ray, args.address)
-    counts = run_embed(args.graph, args.output, cfg.embed, _dump(cfg, "embed"), cfg.tracking)
-    print(json.dumps({"job": "kg embed", "output": args.output, "counts": counts}, ensure_ascii=False))
+    with console.stage(f"embed-{cfg.embed.model}") as st:
+        counts = run_embed(args.graph, args.output, cfg.embed, _dump(cfg, "embed"), cfg.tracking)
+        st["counts"] = describe_counts("kg_embed", counts)
+    console.add_summary("output", args.output)
+    console.result(json.dumps({"job": "kg embed", "output": args.output, "counts": counts}, ensure_ascii=False))
     return 0
 
 

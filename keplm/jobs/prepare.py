@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main, split_overrides
 from keplm.kg.prepare import run_prepare
+from keplm.platform import console
+from keplm.platform.manifest import describe_counts
 from keplm.platform.ray_session import connect
 
 
@@ -20,8 +23,11 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("prepare.kg=" + json.dumps(args.kg, ensure_ascii=False))
     cfg = keplm_config.load(args.config, overrides)
     connect(cfg.ray, args.address)
-    counts = run_prepare(cfg.prepare, args.output, {"prepare": keplm_config.dump(cfg)["prepare"]})
-    print(json.dumps({"job": "prepare", "output": args.output, "counts": counts}, ensure_ascii=False))
+    with console.stage("prepare") as st:
+        counts = run_prepare(cfg.prepare, args.output, {"prepare": keplm_config.dump(cfg)["prepare"]})
+        st["counts"] = describe_counts("prepare", counts)
+    console.add_summary("shards", str(Path(args.output) / "shards"))
+    console.result(json.dumps({"job": "prepare", "output": args.output, "counts": counts}, ensure_ascii=False))
     return 0
 
 

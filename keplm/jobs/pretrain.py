@@ -21,10 +21,11 @@ from pathlib import Path
 from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main
 from keplm.models.pipeline import check_lineage, ensure_stages, keyed_run, start_run, training_inputs, training_key
+from keplm.platform import console
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import sha256_json, write_manifest
 from keplm.platform.ray_session import connect
-from keplm.platform.tracking import check_tracking
+from keplm.platform.tracking import check_tracking, mlflow_ui_command
 
 log = logging.getLogger(__name__)
 PRETRAIN_SCHEMA_VERSION = 1
@@ -76,13 +77,21 @@ def run(args: argparse.Namespace) -> int:
                              "MLflow run (the earlier checkpoints stay where they were)",
         start=lambda: start_run(client, cfg, f"pretrain-{cfg.model.kind}", {
             "keplm.job": "pretrain", "keplm.model": cfg.model.kind, "keplm.training_key": key, **lineage}))
-    try:
-        result = run_training(cfg.train, inputs["files"], build_for_worker, inputs["context"], train_dir, uri, run_id,
-                              cfg.batches.max_seq_len, val_files=inputs["val_files"], name=f"pretrain-{key[:16]}")
-    except Exception as exc:  # noqa: BLE001
-        client.set_terminated(run_id, status="FAILED")
-        raise KeplmError(f"training failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    metrics = dict(result.metrics or {})
+    t = cfg.train
+    with console.stage("train", f"{inputs['rows']:,} rows, {t.num_workers} workers x batch {t.batch_size}"
+                                f"{f' x {t.grad_accum} micro-steps' if t.grad_accum > 1 else ''}") as st:
+        try:
+            result = run_training(cfg.train, inputs["files"], build_for_worker, inputs["context"], train_dir, uri,
+                                  run_id, cfg.batches.max_seq_len, val_files=inputs["val_files"],
+                                  name=f"pretrain-{key[:16]}")
+        except Exception as exc:  # noqa: BLE001
+            client.set_terminated(run_id, status="FAILED")
+            raise KeplmError(f"training failed: {exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        console.wait_for_worker_lines()   # the last progress line before this stage's end
+        metrics = dict(result.metrics or {})
+        st["counts"] = ", ".join([f"{metrics.get('step', 0)} steps"] + [
+            f"{k} {metrics[k]:.4f}" for k in ("loss", "val_mlm_loss") if isinstance(metrics.get(k), float)])
     counts = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}
     finished = result.checkpoint is not None and metrics.get("final")
     if finished:
@@ -106,7 +115,17 @@ def run(args: argparse.Namespace) -> int:
         client.set_terminated(run_id, status="FINISHED")
     summary["bert_model_dir"] = str(out / "model-bert") if (out / "model-bert").is_dir() else None
     write_manifest(out, "pretrain", PRETRAIN_SCHEMA_VERSION, keplm_config.dump(cfg), lineage, summary, **extra)
-    print(json.dumps({"job": "pretrain", "output": str(out), "mlflow_run_id": run_id, "counts": counts}))
+    model_dir = out / "model"
+    console.add_summary("model", str(model_dir) if model_dir.is_dir() else
+                        f"none yet: training stopped at step {counts.get('step', 0)}; the same command resumes it")
+    if (out / "model-bert").is_dir():
+        console.add_summary("BERT model", str(out / "model-bert"))
+    here = [d for d in (*(stages.get(k) for k in ("prepare", "graph", "neighbours", "embed")), train_dir)
+            if d is not None and d.parent == out]
+    console.add_summary("output", f"{out}: " + " ".join(f"{d.name}/" for d in here))
+    console.add_summary("MLflow run", f"{run_id} (experiment {cfg.tracking.experiment})")
+    console.add_summary("look at it", mlflow_ui_command(uri))
+    console.result(json.dumps({"job": "pretrain", "output": str(out), "mlflow_run_id": run_id, "counts": counts}))
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main
+from keplm.platform import console
 from keplm.platform.ray_session import connect
 from keplm.platform.tracking import check_tracking, tracking_uri
 
@@ -42,7 +43,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     cfg, out, uri = _setup(args)
     summary = sweep(cfg, out, uri)
-    print(json.dumps({"job": "sweep", "output": str(out), "tracking_uri": uri, **summary}, ensure_ascii=False, default=str))
+    console.result(json.dumps({"job": "sweep", "output": str(out), "tracking_uri": uri, **summary}, ensure_ascii=False,
+                              default=str))
     return 0
 
 
@@ -53,7 +55,10 @@ def run_ablate(args: argparse.Namespace) -> int:
     argv = sys.argv[2:] if sys.argv[1:2] == ["ablate"] else sys.argv[1:]   # `keplm ablate …` or `-m keplm.jobs.ablate …`
     command = shlex.join(["keplm", "ablate", *argv])
     summary = ablate(cfg, out, uri, args.model, command=command, config_path=args.config)
-    print(json.dumps({"job": "ablate", "output": str(out), "tracking_uri": uri, **summary}, ensure_ascii=False, default=str))
+    if summary.get("report"):
+        console.add_summary("report", summary["report"])
+    console.result(json.dumps({"job": "ablate", "output": str(out), "tracking_uri": uri, **summary}, ensure_ascii=False,
+                              default=str))
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main, split_overrides
 from keplm.kg.prepare import train_vocab_from_corpus
+from keplm.platform import console
 from keplm.platform.config import resolve_path
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import hash_inputs, write_manifest
@@ -28,12 +29,15 @@ def run(args: argparse.Namespace) -> int:
     connect(cfg.ray, args.address)
     prep = cfg.prepare.model_copy(update={"corpus": [str(resolve_path(c)) for c in cfg.prepare.corpus]})
     out = Path(args.output)
-    tok_dir = train_vocab_from_corpus(prep, out)
-    size = sum(1 for _ in open(tok_dir / "vocab.txt", encoding="utf-8"))
+    with console.stage("vocab") as st:
+        tok_dir = train_vocab_from_corpus(prep, out)
+        size = sum(1 for _ in open(tok_dir / "vocab.txt", encoding="utf-8"))
+        st["counts"] = f"{size:,} WordPiece tokens"
     inputs = hash_inputs([p for p, _ in expand_inputs(prep.corpus)])
     dump = keplm_config.dump(cfg)["prepare"]
     write_manifest(out, "vocab", 1, {"prepare": dump}, inputs, {"vocab_size": size})
-    print(json.dumps({"job": "vocab", "tokenizer": str(tok_dir), "vocab_size": size}))
+    console.add_summary("tokenizer", str(tok_dir))
+    console.result(json.dumps({"job": "vocab", "tokenizer": str(tok_dir), "vocab_size": size}))
     return 0
 
 

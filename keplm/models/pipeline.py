@@ -17,7 +17,7 @@ from pathlib import Path
 
 from keplm.platform.config import dump_config, flatten, resolve_path
 from keplm.platform.errors import KeplmError
-from keplm.platform.manifest import MANIFEST, hash_inputs, read_manifest, sha256_file, sha256_json
+from keplm.platform.manifest import MANIFEST, describe_counts, hash_inputs, read_manifest, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 NEEDS = {"smedbert": ("neighbours", "transr"), "ernie": (None, "transe"), "kebiolm": (None, "transe"),
@@ -25,15 +25,20 @@ NEEDS = {"smedbert": ("neighbours", "transr"), "ernie": (None, "transe"), "kebio
 
 
 def _stage(out: Path, key_parts: dict, run) -> Path:
-    """Run ``run(out)`` unless ``out`` holds a finished stage with the same key."""
+    """Run ``run(out)`` unless ``out`` holds a finished stage with the same key; a console line at its start and
+    one at its end (seconds, counts)."""
+    from keplm.platform import console
+
     key = sha256_json(key_parts)
     key_file = out / "stage_key.json"
     if (out / MANIFEST).is_file() and key_file.is_file() and json.loads(key_file.read_text())["key"] == key:
-        log.warning("pretrain: reusing %s (inputs and config unchanged)", out)
+        log.info("reusing stage %s: %s (inputs and config unchanged)", out.name, out)
         return out
-    log.warning("pretrain: running stage %s", out.name)
-    run(out)
-    key_file.write_text(json.dumps({"key": key}))
+    with console.stage(out.name) as st:
+        run(out)
+        key_file.write_text(json.dumps({"key": key}))
+        manifest = read_manifest(out)
+        st["counts"] = describe_counts(manifest.get("job", ""), manifest.get("counts") or {})
     return out
 
 
@@ -147,12 +152,12 @@ def training_inputs(cfg, stages: dict[str, Path | None], train_dir: Path) -> dic
         if stages.get("graph") is None:
             raise KeplmError(f"model objectives {cfg.model.entity_objectives} need the graph stage (kg build)")
         tasks = EntityTasks.build(stages["graph"], load_tokenizer(str(stages["prepare"] / "tokenizer")), cfg.batches.segment)
-        log.warning("pretrain: EMBERT thesaurus of %d entities; %s", len(tasks.surfaces), dict(tasks.counts))
+        log.info("EMBERT thesaurus of %d entities; %s", len(tasks.surfaces), dict(tasks.counts))
         tasks_ref = ray.put(tasks)
     context = {"model": cfg.model.model_dump(mode="json"), "batches": cfg.batches.model_dump(mode="json"),
                "prepare_dir": str(stages["prepare"].resolve()), "arrays": arrays_ref, "knowledge": knowledge_ref,
                "entity_tasks": tasks_ref}
-    return {"files": files, "val_files": val_files, "context": context}
+    return {"files": files, "val_files": val_files, "context": context, "rows": rows}
 
 
 # train.* keys that say how a run is carried out, not what it computes: they may change between two invocations

@@ -75,3 +75,24 @@ def read_manifest(stage_dir: str | Path, job: str | None = None) -> dict:
     if job is not None and doc.get("job") != job:
         raise KeplmError(f"{stage_dir}: manifest is from job {doc.get('job')!r}, expected {job!r}")
     return doc
+
+
+# what a stage's end line says, from its manifest's counts: (count, how it reads), those present
+STAGE_COUNTS = {
+    "prepare": [("documents_kept", "{:,} documents"), ("segments", "{:,} segments"), ("tokens", "{:,} tokens"),
+                ("mentions", "{:,} mentions"), ("entities_linked", "{:,} entities linked"),
+                ("shard_files", "{} shards")],
+    "kg_build": [("entities", "{:,} entities"), ("relations", "{:,} relations"), ("triples_kept", "{:,} triples"),
+                 ("edges", "{:,} edges")],
+    "kg_neighbours": [("seeds", "{:,} seed entities"), ("rows", "{:,} neighbours"),
+                      ("seeds_without_neighbours", "{:,} seeds without any")],
+    "kg_embed": [("triples_train", "{:,} training triples"), ("epochs", "{} epochs"), ("final_loss", "loss {:.4f}"),
+                 ("mrr", "MRR {:.3f}"), ("hits_at_10", "hits@10 {:.3f}"), ("random_hits_at_10", "(random {:.3f})")],
+}
+
+
+def describe_counts(job: str, counts: dict) -> str:
+    """A stage's counts as the few words its end line shows (``STAGE_COUNTS``)."""
+    return ", ".join(text.format(counts[k]) for k, text in STAGE_COUNTS.get(job, ())
+                     if isinstance(counts.get(k), (int, float)) and not isinstance(counts.get(k), bool)
+                     ).replace(", (random", " (random")

@@ -29,15 +29,31 @@ class RayConfig(Section):
 QUIET_HOOK = f"{__name__}.quiet_placement_group_cleaner"
 
 
+WORKER_HOOK = f"{__name__}.worker_setup"
+
+
+def worker_setup() -> None:
+    """Each Ray worker of a local session runs this at start-up (``worker_process_setup_hook``): keplm's log lines
+    marked for the driver's console (``console.worker_logging``)."""
+    from keplm.platform.console import worker_logging
+
+    worker_logging()
+
+
 def quiet_placement_group_cleaner() -> None:
     """Each Ray worker of a local session without a dashboard runs this at start-up (``worker_process_setup_hook``):
     Ray Train's cleaner of a crashed controller's placement group polls the State API, which such a session does not
     serve, and would warn every second (a controller that ends normally removes its placement group itself)."""
+    worker_setup()
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
+    """Join or start Ray. Worker lines still come to the driver (``log_to_driver``), where the job's console sends
+    them to its log file, bar keplm's own (``console.capture_worker_lines``)."""
     import ray
+
+    from keplm.platform.console import capture_worker_lines
 
     cfg = cfg or RayConfig()
     if ray.is_initialized():
@@ -54,8 +70,12 @@ def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
             log_to_driver=True,
             # without a dashboard Ray's state API is absent, and Ray Train's PlacementGroupCleaner, which asks
             # it every second whether the train controller still lives, logs a warning each time it cannot
-            runtime_env=None if cfg.include_dashboard else {"worker_process_setup_hook": QUIET_HOOK},
+            runtime_env={"worker_process_setup_hook": WORKER_HOOK if cfg.include_dashboard else QUIET_HOOK},
         )
+    capture_worker_lines()
+    resources = ray.cluster_resources()
+    log.info("Ray: %s, %g CPUs%s", f"the cluster at {target}" if target else "a local instance",
+             resources.get("CPU", 0), f", {resources['GPU']:g} GPUs" if resources.get("GPU") else "")
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = cfg.show_progress

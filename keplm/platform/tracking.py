@@ -44,6 +44,15 @@ def log_run(cfg: TrackingConfig, run_name: str, params: dict[str, Any], metrics:
         return run.info.run_id
 
 
+def mlflow_ui_command(uri: str) -> str:
+    """How to look at the runs of a tracking store: its address for a server, else ``mlflow ui`` on it."""
+    import shlex
+
+    if uri.startswith(("http://", "https://", "databricks")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+
+
 def check_tracking(uri: str) -> None:
     """Fail now, with one line, when the tracking server cannot be reached."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -358,6 +358,14 @@ def bounded_batches(batches, start: int, stop: int):
         pass
 
 
+def eta_text(s: float) -> str:
+    """Seconds left as ``42 s``, ``3 min 5 s`` or ``2 h 10 min``."""
+    s = max(0, round(s))
+    if s < 60:
+        return f"{s} s"
+    return f"{s // 60} min {s % 60} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60} min"
+
+
 def worker_rows(files: list[str], world: int, rank: int) -> tuple[int, int]:
     """Rank r's contiguous share [start, stop) of all rows: shares differ by at most one row."""
     import pyarrow.parquet as pq
@@ -375,6 +383,9 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
+    from keplm.platform.console import worker_logging
+
+    worker_logging()   # keplm's lines (progress, resume) reach the driver's console, marked
     cfg = TrainConfig(**config["train"])
     files: list[str] = config["files"]
     build: Callable[[dict], tuple[Any, Any]] = config["build"]
@@ -392,6 +403,11 @@ def train_loop_per_worker(config: dict) -> None:
     n_flops = flops_per_token(model, config.get("seq_len", 512))
     if cfg.compile:
         compile_blocks(model)
+    # find_unused_parameters stays on: which parameters a step uses depends on the model kind, its objectives
+    # and the batch (a term with no entity mention in it, a head an ablation switches off). When a run uses
+    # all of them, DDP's reducer notes once per rank that the flag was not needed; that notice is a C++ log
+    # line (c10's TORCH_WARN_ONCE on the worker's stderr), not a Python warning that warnings.filterwarnings
+    # could filter, so it goes with the worker's other lines to the job's log file, off the console.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = model.module if hasattr(model, "module") else model
     decay, no_decay = [], []
@@ -427,7 +443,7 @@ def train_loop_per_worker(config: dict) -> None:
         sched.load_state_dict(state["scheduler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         if rank == 0:
-            log.warning("resuming from the checkpoint of step %d (epoch %d, batch %d)", step, epoch, position)
+            log.info("train: resuming from the checkpoint of step %d (epoch %d, batch %d)", step, epoch, position)
         torch.set_rng_state(state["torch_rng"][rank])
         if getattr(collate, "rng", None) is not None and state.get("collate_rng") is not None:
             collate.rng.bit_generator.state = state["collate_rng"][rank]
@@ -606,8 +622,8 @@ def train_loop_per_worker(config: dict) -> None:
                     Metric(k, float(v), ts, step) for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)]))
             if rank == 0 and (step % cfg.log_every == 0 or step == total):
                 eta = (time.perf_counter() - t_start) / max(step, 1) * (total - step)
-                log.warning("step %d/%d loss %.4f tokens/s %.0f ETA %.0fs", step, total, last.get("loss", float("nan")),
-                            tok_s, eta)
+                log.info("train: step %d/%d, loss %.4f, %s tokens/s, ETA %s", step, total,
+                         last.get("loss", float("nan")), f"{tok_s:,.0f}", eta_text(eta))
             if cfg.fault_at_step == step and rank == world - 1 and config.get("fault_marker"):
                 marker = Path(config["fault_marker"])
                 if not marker.exists():  # once per run: the restarted group must get past this step
