@@ -75,8 +75,12 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
     from ray import tune
 
     from keplm.models.pipeline import ensure_stages
+    from keplm.platform import console
+    from keplm.tuning.events import TrialEvents
 
     out.mkdir(parents=True, exist_ok=True)
+    # the trials' own lines (their training progress) go to the log file: the console has one line per trial event
+    console.set_worker_console_level(logging.WARNING)
     stages, stage_seconds = {}, {}
     for kind in sorted(kinds):
         t = time.perf_counter()
@@ -105,7 +109,7 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
     name = f"{job}-{key[:16]}"   # one Tune experiment per sweep key: a changed sweep never restores another's
     path = os.path.join(storage, name)
     if tune.Tuner.can_restore(path):
-        log.warning("%s: resuming the Tune experiment in %s", job, path)
+        log.info("%s: resuming the Tune experiment in %s", job, path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=False, restart_errored=False,
                                    param_space=param_space)
     else:
@@ -115,13 +119,22 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
                                         scheduler=scheduler,
                                         # a sweep's searcher is already a ConcurrencyLimiter (SHA moves its cap)
                                         max_concurrent_trials=None if search_alg is not None else max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage,
+            # Tune's status tables off (verbose=0): the console gets TrialEvents' lines, and Tune's log the log file
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                      callbacks=[TrialEvents(metric, cfg.train.max_steps, scheduler is not None)],
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
-    grid = tuner.fit()
-    expected_trials = num_samples * math.prod(len(v["grid_search"]) for v in param_space.values()
-                                              if isinstance(v, dict) and "grid_search" in v)
+        log.info("%s: %d trial(s), at most %d at a time; objective %s (%s)", job,
+                 expected_trials(num_samples, param_space), max_concurrent, metric,
+                 "lowest best" if mode == "min" else "highest best")
+    with console.stdout_to_log_file():   # Tune prints its experiment's table and end notes whatever its verbosity
+        grid = tuner.fit()
     return finish(cfg, out, job, grid, client, parent, base, model, metric, mode,
-                  unfinished=unfinished_trials(path, expected_trials))
+                  unfinished=unfinished_trials(path, expected_trials(num_samples, param_space)))
+
+
+def expected_trials(num_samples: int, param_space: dict) -> int:
+    return num_samples * math.prod(len(v["grid_search"]) for v in param_space.values()
+                                   if isinstance(v, dict) and "grid_search" in v)
 
 
 def unfinished_trials(experiment_path: str, expected: int) -> list[str] | None:
@@ -216,6 +229,17 @@ def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, mode
     client.log_metric(parent, "trial_steps", summary["trial_steps"])
     client.set_terminated(parent, status="FINISHED" if ok else "FAILED")
     _write_summary(out, summary)
+    if ok:
+        from keplm.platform import console
+        from keplm.platform.tracking import mlflow_ui_command
+        from keplm.tuning.events import best_table
+
+        console.echo("\n".join(best_table(trials, metric, mode)))
+        console.add_summary("trials", f"{len(trials)} ({summary['stopped_early']} stopped early, {summary['failed']} "
+                                      f"failed): {out / 'trials.csv'}")
+        console.add_summary("best config", f"{out / 'best_config.yaml'} (keplm pretrain --config takes it)")
+        console.add_summary("MLflow run", f"{parent} (experiment {cfg.tracking.experiment}), a child run per trial")
+        console.add_summary("look at it", mlflow_ui_command(client.tracking_uri))
     if not ok:
         raise KeplmError(f"{job}: every trial failed; first error: {trials[0]['error'] if trials else 'no trials'}")
     return summary
