@@ -57,6 +57,9 @@ class EmbedConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when the cluster has one")
 
 
+EVAL_BATCH_CPU = 32   # test triples ranked at once against every entity on CPU: PyKEEN's own CPU default
+
+
 def _dims(cfg: EmbedConfig) -> tuple[int, int]:
     d, dr = DEFAULT_DIMS[cfg.model]
     return cfg.dim or d, (cfg.relation_dim or cfg.dim or dr) if cfg.model == "transr" else (cfg.dim or d)
@@ -70,7 +73,8 @@ def train_embeddings(mapped: np.ndarray, entity_names: list[str], relation_names
 
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     tf = TriplesFactory(
-        mapped_triples=torch.as_tensor(mapped, dtype=torch.long),
+        # a copy: ``mapped`` comes read-only from Ray's object store, and torch.as_tensor would share it (and warn)
+        mapped_triples=torch.tensor(mapped, dtype=torch.long),
         entity_to_id={n: i for i, n in enumerate(entity_names)},
         relation_to_id={n: i for i, n in enumerate(relation_names)},
         num_entities=len(entity_names), num_relations=len(relation_names),
@@ -91,8 +95,10 @@ def train_embeddings(mapped: np.ndarray, entity_names: list[str], relation_names
         model="TransR" if cfg.model == "transr" else "TransE", model_kwargs=model_kwargs,
         optimizer="Adam", optimizer_kwargs={"lr": cfg.lr},
         negative_sampler="basic", negative_sampler_kwargs={"num_negs_per_pos": cfg.negatives_per_positive},
+        # the evaluation batch on CPU: PyKEEN's own conservative CPU choice (32) made explicit, since left unset
+        # PyKEEN warns and picks it anyway; on a GPU, unset: PyKEEN finds the largest that fits
         training_kwargs={"num_epochs": cfg.epochs, "batch_size": cfg.batch_size, "use_tqdm": False},
-        evaluation_kwargs={"use_tqdm": False},
+        evaluation_kwargs={"use_tqdm": False, **({"batch_size": EVAL_BATCH_CPU} if device == "cpu" else {})},
         random_seed=cfg.seed, device=device, use_tqdm=False,
     )
     seconds = time.perf_counter() - t

@@ -148,7 +148,8 @@ def add_losses(*terms: tuple[float, torch.Tensor | None]) -> torch.Tensor | None
 @torch.no_grad()
 def copy_into(param: torch.Tensor, value, what: str) -> None:
     """Load KG tensors (numpy or torch) into a parameter of the same shape, or say which shapes differ."""
-    value = torch.as_tensor(value, dtype=param.dtype)
+    # a copy of an array (KG arrays come read-only from Ray's object store: torch.as_tensor would share, and warn)
+    value = value.to(param.dtype) if torch.is_tensor(value) else torch.tensor(value, dtype=param.dtype)
     if tuple(value.shape) != tuple(param.shape):
         raise ValueError(f"{what} shape {tuple(value.shape)} != model's {tuple(param.shape)}")
     param.copy_(value)

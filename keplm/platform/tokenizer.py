@@ -73,6 +73,7 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, cfg: VocabConfig 
         limit_alphabet=cfg.limit_alphabet,
         special_tokens=SPECIAL_TOKENS,
         wordpieces_prefix="##",
+        show_progress=False,   # its bars are blank lines on stdout when that is not a terminal; the stage has its lines
     )
     vocab = trainer.get_vocab()
     ordered = sorted(vocab, key=vocab.get)

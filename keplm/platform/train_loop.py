@@ -325,8 +325,13 @@ def ingest_data_config():
     order, so every run gives each worker the same rows in the same order — what exact resume needs."""
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
+    from ray.data import DataContext, ExecutionOptions
+
+    # DataConfig.default_ingest_options() with preserve_order, built here: Ray's passes exclude_resources,
+    # deprecated (a RayDeprecationWarning at each run), and always the zero of the default context
+    ctx = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=True,
+                               verbose_progress=ctx.verbose_progress)
     return DataConfig(datasets_to_split=["train"], execution_options=options, enable_shard_locality=False)
 
 
