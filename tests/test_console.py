@@ -53,7 +53,7 @@ def test_the_demo_console_is_keplm_s_own_lines(demo):
     assert lines.index(progress[-1]) < lines.index(ends["train"])     # the last progress line came before the end
     # the closing summary: paths that exist, the MLflow run, the command to look at it; the JSON result last
     result = json.loads(lines[-1])
-    summary = dict(re.match(r"  (\S+(?: \S+)?)\s{2,}(.*)$", line).groups() for line in lines if line.startswith("  "))
+    summary = dict(re.match(r"  (\S+(?: \S+)*?)\s{2,}(.*)$", line).groups() for line in lines if line.startswith("  "))
     assert Path(summary["model"]) == out / "model" and (out / "model" / "config.json").is_file()
     assert summary["MLflow run"].startswith(result["mlflow_run_id"])
     assert summary["look at it"] == f"mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}"
