@@ -179,3 +179,133 @@ def test_the_linker_never_raises_on_random_unicode():
         assert all(a[1] <= b[0] for a, b in zip(links, links[1:]))   # never overlapping
 
     check()
+
+
+# --- jobs run in-process: one line "keplm <job>: error: ..." and exit code 2 ------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
+
+
+def job(module: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run ``python -m keplm.jobs.<module> argv`` in this process -> (exit code, stderr)."""
+    import importlib
+
+    capsys.readouterr()
+    rc = importlib.import_module(f"keplm.jobs.{module}").main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def one_error_line(err: str, job_name: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("keplm ")]
+    assert len(lines) == 1 and lines[0].startswith(f"keplm {job_name.split()[0]}"), err
+    assert "Traceback" not in err, err
+    return lines[0]
+
+
+def fake_output(d: Path, job_name: str = "prepare") -> Path:
+    import json
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "manifest.json").write_text(json.dumps({"job": job_name, "schema_version": 1, "counts": {}}))
+    return d
+
+
+def test_prepare_refuses_a_tokenizer_inside_its_output_and_leaves_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "tokenizer").mkdir(parents=True)
+    vocab = out / "tokenizer" / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n头\n痛\n")
+    rc, err = job("prepare", ["--config", DEMO_CONFIG, "--output", out, f"prepare.tokenizer={vocab}"], capsys)
+    assert rc == 2 and "lies inside" in one_error_line(err, "prepare")
+    assert vocab.read_text().endswith("痛\n")
+
+
+def test_kg_build_refuses_to_write_into_its_corpus_input(tmp_path, capsys):
+    prepared = fake_output(tmp_path / "p")
+    before = (prepared / "manifest.json").read_bytes()
+    rc, err = job("kg", ["build", "--config", DEMO_CONFIG, "--corpus", prepared, "--output", prepared], capsys)
+    assert rc == 2 and "inside" in one_error_line(err, "kg build")
+    assert (prepared / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("step", ["neighbours", "embed"])
+def test_kg_neighbours_and_embed_refuse_their_graph_as_output(tmp_path, capsys, step):
+    graph = fake_output(tmp_path / "g", "kg_build")
+    rc, err = job("kg", [step, "--config", DEMO_CONFIG, "--graph", graph, "--output", graph], capsys)
+    assert rc == 2 and "inside" in one_error_line(err, f"kg {step}")
+
+
+def test_augment_refuses_an_output_holding_its_input(tmp_path, capsys):
+    data = tmp_path / "train.txt"
+    data.write_text("头 B-x\n痛 I-x\n\n")
+    rc, err = job("augment", ["--checkpoint", tmp_path / "nomodel", "--data", data, "--output", tmp_path], capsys)
+    assert rc == 2 and "inside" in one_error_line(err, "augment")
+    assert data.read_text() == "头 B-x\n痛 I-x\n\n"
+
+
+def test_an_output_holding_someone_elses_files_is_refused_untouched(tmp_path, capsys):
+    out = tmp_path / "thesis"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "chapter1.parquet").write_text("not keplm's")
+    rc, err = job("prepare", ["--config", DEMO_CONFIG, "--output", out], capsys)
+    assert rc == 2 and "did not write" in one_error_line(err, "prepare")
+    assert (out / "shards" / "chapter1.parquet").read_text() == "not keplm's"
+
+
+def test_pretrain_accepts_its_own_stage_as_prepared_but_not_an_input_it_overwrites(tmp_path):
+    from types import SimpleNamespace
+
+    from keplm import config
+    from keplm.jobs.pretrain import guard_pretrain_output
+    from keplm.platform.errors import KeplmError
+
+    cfg = config.load(DEMO_CONFIG)
+    out = tmp_path / "run"
+    prepared = fake_output(out / "prepare")
+    guard_pretrain_output(out, SimpleNamespace(prepared=str(prepared), neighbours=None, embeddings=None), cfg)
+    # pretrain builds OUT/prepare when no --prepared is given: a tokenizer there would be overwritten
+    cfg = config.load(DEMO_CONFIG, [f"prepare.tokenizer={out / 'prepare' / 'tokenizer' / 'vocab.txt'}"])
+    with pytest.raises(KeplmError, match="inside"):
+        guard_pretrain_output(out, SimpleNamespace(prepared=None, neighbours=None, embeddings=None), cfg)
+
+
+def test_keplm_deletes_only_what_it_created(tmp_path):
+    from keplm.platform.errors import KeplmError
+    from keplm.platform.outputs import mark, remove_owned
+
+    mine = tmp_path / "mine"
+    mark(mine)
+    (mine / "x").write_text("1")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "y").write_text("2")
+    remove_owned(mine)
+    assert not mine.exists()
+    with pytest.raises(KeplmError, match="did not create"):
+        remove_owned(theirs)
+    with pytest.raises(KeplmError, match="did not create"):
+        remove_owned(theirs / "y")
+    assert (theirs / "y").read_text() == "2"
+
+
+def test_a_second_job_on_the_same_output_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from keplm.platform.errors import KeplmError
+    from keplm.platform.outputs import guard_output, release
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from keplm.platform.outputs import guard_output;"
+                               f"guard_output('prepare', {str(out)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(KeplmError, match="another keplm job is writing"):
+            guard_output("prepare", out)
+    finally:
+        holder.kill()
+        holder.wait()
+    guard_output("prepare", out)   # free again once the first job has gone
+    release(out)

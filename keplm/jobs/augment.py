@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not 0 < args.rate <= 1 or args.copies < 1:
         raise KeplmError(f"--rate must be in (0, 1] and --copies >= 1 (got {args.rate}, {args.copies})")
+    from keplm.platform.outputs import guard_output
+
+    guard_output("augment", out, [args.data, args.checkpoint])
     ds = read_ner(args.data, args.format)
     aug = augment_ner(ds, args.checkpoint, rate=args.rate, copies=args.copies, seed=args.seed)
     write_conll(aug, out / "train.txt")

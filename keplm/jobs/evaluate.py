@@ -182,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise KeplmError(f"unknown task(s) {unknown}; the config declares {sorted(cfg.evaluate.tasks)}")
         cfg.evaluate.tasks = {t: cfg.evaluate.tasks[t] for t in wanted}
+    from keplm.platform.outputs import guard_output
+
+    guard_output("evaluate", args.output, [args.checkpoint])
     res = evaluate_checkpoint(cfg, args.checkpoint, args.output, args.address, args.parent_run)
     print_summary(res["summary"])
     add_run_summary(args.output, res)

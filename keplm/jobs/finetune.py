@@ -34,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc).splitlines()[-1].strip()) from None
     cfg.evaluate.tasks = {args.name or args.kind: spec}
+    from keplm.platform.outputs import guard_output
+
+    guard_output("finetune", args.output, [args.checkpoint, args.train, args.dev, args.test, args.augmented_train])
     res = evaluate_checkpoint(cfg, args.checkpoint, args.output, args.address, args.parent_run)
     print_summary(res["summary"])
     add_run_summary(args.output, res)

@@ -10,6 +10,7 @@ from keplm import config as keplm_config
 from keplm.jobs.common import add_common_args, module_main
 from keplm.platform import console
 from keplm.platform.manifest import describe_counts
+from keplm.platform.outputs import guard_output
 from keplm.platform.ray_session import connect
 
 
@@ -28,6 +29,7 @@ def build(args: argparse.Namespace) -> int:
     kg = args.kg or cfg.prepare.kg  # default: the KG the corpus was prepared with
     if not kg:
         raise KeplmError("kg build: no KG given (--kg DIR or prepare.kg in the config)")
+    guard_output("kg build", args.output, [resolve_path(kg), args.corpus])
     with console.stage("graph") as st:
         counts = build_graph(resolve_path(kg), args.output, cfg.graph, _dump(cfg, "graph") | {"kg": str(kg)},
                              corpus_dir=args.corpus)
@@ -41,6 +43,7 @@ def neighbours(args: argparse.Namespace) -> int:
     from keplm.kg.pepr import run_neighbours
 
     cfg = keplm_config.load(args.config, list(args.overrides))
+    guard_output("kg neighbours", args.output, [args.graph])
     connect(cfg.ray, args.address)
     with console.stage("neighbours") as st:
         counts = run_neighbours(args.graph, args.output, cfg.pepr, _dump(cfg, "pepr"))
@@ -55,6 +58,7 @@ def embed(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"embed.model={args.model}"] if args.model else [])
     cfg = keplm_config.load(args.config, overrides)
+    guard_output("kg embed", args.output, [args.graph])
     connect(cfg.ray, args.address)
     with console.stage(f"embed-{cfg.embed.model}") as st:
         counts = run_embed(args.graph, args.output, cfg.embed, _dump(cfg, "embed"), cfg.tracking)

@@ -12,6 +12,7 @@ from keplm.jobs.common import add_common_args, module_main, split_overrides
 from keplm.kg.prepare import run_prepare
 from keplm.platform import console
 from keplm.platform.manifest import describe_counts
+from keplm.platform.outputs import guard_output, prepare_inputs
 from keplm.platform.ray_session import connect
 
 
@@ -22,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kg:
         overrides.append("prepare.kg=" + json.dumps(args.kg, ensure_ascii=False))
     cfg = keplm_config.load(args.config, overrides)
+    guard_output("prepare", args.output, prepare_inputs(cfg.prepare))
     connect(cfg.ray, args.address)
     with console.stage("prepare") as st:
         counts = run_prepare(cfg.prepare, args.output, {"prepare": keplm_config.dump(cfg)["prepare"]})

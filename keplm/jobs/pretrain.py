@@ -48,6 +48,22 @@ def invocation(args: argparse.Namespace) -> str:
     return shlex.join(parts + list(args.overrides))
 
 
+MODEL_DIRS = ("model", "model-bert")   # the final model and its export: named by the training that wrote them
+
+
+def guard_pretrain_output(out: Path, args: argparse.Namespace, cfg) -> None:
+    """``--output`` against every input (keplm.platform.outputs.guard_output): the stage directories pretrain
+    builds, ``train/``, the models and the manifest must hold none of them; ``--prepared OUT/prepare`` is fine."""
+    from keplm.platform.outputs import guard_output, prepare_inputs
+
+    given = [p for p in (args.prepared, args.neighbours, args.embeddings) if p]
+    given_resolved = {Path(p).expanduser().resolve() for p in given}
+    writes = [out / n for n in ("prepare", "graph", "neighbours", "embed-transr", "embed-transe", "train",
+                                *MODEL_DIRS, "manifest.json")]
+    guard_output("pretrain", out, [*given, *prepare_inputs(cfg.prepare)],
+                 writes=[w for w in writes if w.resolve() not in given_resolved])
+
+
 def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -56,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = keplm_config.load(args.config, list(args.overrides))
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    guard_pretrain_output(out, args, cfg)
     uri = tracking_uri_for(cfg, out)
     check_tracking(uri)
     connect(cfg.ray, args.address)

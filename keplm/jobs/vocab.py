@@ -24,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = keplm_config.load(args.config, overrides)
     if not cfg.prepare.corpus:
         raise KeplmError("vocab: no corpus given (--corpus PATH... or prepare.corpus)")
+    from keplm.platform.outputs import guard_output, prepare_inputs
+
+    guard_output("vocab", args.output, prepare_inputs(cfg.prepare))
     from keplm.platform.ray_session import connect
 
     connect(cfg.ray, args.address)

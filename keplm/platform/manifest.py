@@ -37,11 +37,16 @@ def hash_inputs(paths: list[str | Path]) -> dict[str, str]:
         if p.is_dir() and (p / MANIFEST).is_file():
             out[str(p)] = "manifest:" + sha256_file(p / MANIFEST)
         elif p.is_dir():
-            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            # keplm's own bookkeeping (.keplm-output marker, .keplm-lock, .staging-* directories) is no content
+            for f in sorted(x for x in p.rglob("*") if x.is_file() and not _bookkeeping(x.relative_to(p))):
                 out[str(f)] = sha256_file(f)
         else:
             out[str(p)] = sha256_file(p)
     return out
+
+
+def _bookkeeping(rel: Path) -> bool:
+    return rel.name in (".keplm-output", ".keplm-lock") or any(part.startswith(".staging-") for part in rel.parts)
 
 
 def write_manifest(out_dir: str | Path, job: str, schema_version: int, config: dict,
