@@ -309,3 +309,110 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path):
         holder.wait()
     guard_output("prepare", out)   # free again once the first job has gone
     release(out)
+
+
+# --- stages are published whole, manifest last; a half-written stage is rebuilt -----------------------------------
+
+def _fake_stage(files: int, fail_after: int | None = None):
+    """A stage run that writes ``files`` data files and its manifest through ``staged``; it raises after
+    ``fail_after`` files (a crash part-way)."""
+    from keplm.platform.manifest import write_manifest
+    from keplm.platform.outputs import staged
+
+    calls = []
+
+    def run(out):
+        calls.append(out)
+        with staged(out, "fake") as stage:
+            (stage / "shards").mkdir()
+            for i in range(files):
+                if fail_after is not None and i == fail_after:
+                    raise RuntimeError("killed part-way")
+                (stage / "shards" / f"{i}.parquet").write_text(str(i))
+            write_manifest(stage, "fake", 1, {}, {}, {"shard_files": files})
+    return run, calls
+
+
+def test_a_stage_crashed_part_way_is_rebuilt_never_reused(tmp_path):
+    from keplm.models.pipeline import _stage
+    from keplm.platform.manifest import read_manifest
+
+    out = tmp_path / "prepare"
+    run_a, calls_a = _fake_stage(3)
+    _stage(out, {"config": "A"}, run_a)
+    _stage(out, {"config": "A"}, run_a)
+    assert len(calls_a) == 1                                   # built once, then reused
+    run_b, _ = _fake_stage(3, fail_after=1)
+    with pytest.raises(RuntimeError, match="part-way"):
+        _stage(out, {"config": "B"}, run_b)
+    # the crashed B left A's files and manifest as they were, but no key: A is rebuilt, not reused
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == ["0.parquet", "1.parquet", "2.parquet"]
+    assert not (out / "stage_key.json").exists()
+    _stage(out, {"config": "A"}, run_a)
+    assert len(calls_a) == 2
+    assert read_manifest(out)["counts"]["shard_files"] == len(list((out / "shards").glob("*.parquet")))
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging-")]
+
+
+@pytest.mark.parametrize("key_text", ["", "{", "[]", '{"key": 1}', "null"])
+def test_an_empty_or_corrupt_stage_key_means_rebuild(tmp_path, key_text):
+    from keplm.models.pipeline import _stage
+
+    out = tmp_path / "graph"
+    run, calls = _fake_stage(2)
+    _stage(out, {"k": 1}, run)
+    (out / "stage_key.json").write_text(key_text)
+    _stage(out, {"k": 1}, run)
+    assert len(calls) == 2
+
+
+def test_a_crash_between_a_stages_data_and_its_manifest_leaves_no_manifest(tmp_path, monkeypatch):
+    import os
+
+    from keplm.models.pipeline import _stage
+    from keplm.platform import outputs
+
+    out = tmp_path / "neighbours"
+    run, calls = _fake_stage(2)
+    _stage(out, {"k": 1}, run)
+    real_replace = os.replace
+
+    def crash_on_manifest(src, dst):
+        if Path(dst) == out / "manifest.json":   # publishing the manifest, after the data
+            raise KeyboardInterrupt("killed between the data and the manifest")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", crash_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        _stage(out, {"k": 2}, run)
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    assert not (out / "manifest.json").exists() and not (out / "stage_key.json").exists()
+    _stage(out, {"k": 2}, run)                                 # rebuilt, then complete
+    assert len(calls) == 3 and (out / "manifest.json").is_file()
+
+
+def test_a_manifest_changed_after_its_key_was_written_is_stale(tmp_path):
+    from keplm.models.pipeline import _stage
+    from keplm.platform.manifest import write_manifest
+
+    out = tmp_path / "embed-transr"
+    run, calls = _fake_stage(1)
+    _stage(out, {"k": 1}, run)
+    write_manifest(out, "fake", 1, {"other": True}, {}, {})   # e.g. another job published here since
+    _stage(out, {"k": 1}, run)
+    assert len(calls) == 2
+
+
+def test_pretrain_drops_the_model_of_another_training(tmp_path):
+    from keplm.jobs.pretrain import drop_other_trainings_model, mark_model
+    from keplm.platform.outputs import mark
+
+    out = tmp_path / "run"
+    mark(out)
+    for name in ("model", "model-bert"):
+        (out / name).mkdir()
+        mark_model(out / name, "key-A")
+    drop_other_trainings_model(out, "key-A")
+    assert (out / "model").is_dir() and (out / "model-bert").is_dir()   # this training's: kept
+    drop_other_trainings_model(out, "key-B")                              # a run of another training
+    assert not (out / "model").exists() and not (out / "model-bert").exists()

@@ -27,16 +27,17 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not 0 < args.rate <= 1 or args.copies < 1:
         raise KeplmError(f"--rate must be in (0, 1] and --copies >= 1 (got {args.rate}, {args.copies})")
-    from keplm.platform.outputs import guard_output
+    from keplm.platform.outputs import guard_output, staged
 
     guard_output("augment", out, [args.data, args.checkpoint])
     ds = read_ner(args.data, args.format)
     aug = augment_ner(ds, args.checkpoint, rate=args.rate, copies=args.copies, seed=args.seed)
-    write_conll(aug, out / "train.txt")
     counts = dict(aug.counts)
-    write_manifest(out, "augment", AUGMENT_SCHEMA_VERSION,
-                   {"rate": args.rate, "copies": args.copies, "seed": args.seed, "checkpoint": str(args.checkpoint)},
-                   hash_inputs([args.data, args.checkpoint]), counts)
+    with staged(out, "augment") as stage:   # published into out, manifest last, on success
+        write_conll(aug, stage / "train.txt")
+        write_manifest(stage, "augment", AUGMENT_SCHEMA_VERSION, {"rate": args.rate, "copies": args.copies,
+                       "seed": args.seed, "checkpoint": str(args.checkpoint)},
+                       hash_inputs([args.data, args.checkpoint]), counts)
     console.add_summary("training set", str(out / "train.txt"))
     console.result(json.dumps({"job": "augment", "output": str(out), "counts": counts}, ensure_ascii=False))
     return 0

@@ -24,6 +24,7 @@ from keplm.models.pipeline import check_lineage, ensure_stages, keyed_run, start
 from keplm.platform import console
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import sha256_json, write_manifest
+from keplm.platform.outputs import remove_owned
 from keplm.platform.ray_session import connect
 from keplm.platform.tracking import check_tracking, mlflow_ui_command
 
@@ -64,6 +65,35 @@ def guard_pretrain_output(out: Path, args: argparse.Namespace, cfg) -> None:
                  writes=[w for w in writes if w.resolve() not in given_resolved])
 
 
+def _model_key(d: Path) -> str | None:
+    from keplm.platform.outputs import MARKER
+
+    try:
+        return json.loads((d / MARKER).read_text(encoding="utf-8")).get("training_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def mark_model(d: Path, key: str) -> None:
+    """Name ``d`` as the model of the training ``key`` (its keplm marker)."""
+    from keplm.platform.outputs import MARKER
+
+    (d / MARKER).write_text(json.dumps({"keplm": True, "job": "pretrain", "training_key": key}) + "\n",
+                            encoding="utf-8")
+
+
+def drop_other_trainings_model(out: Path, key: str) -> None:
+    """Remove ``model/`` and ``model-bert/`` when another training wrote them: a run that stops early
+    (``train.stop_after_steps``) or fails must not leave them in place, named by its manifest as its own."""
+    from keplm.platform.outputs import remove_owned
+
+    for name in MODEL_DIRS:
+        d = out / name
+        if d.is_dir() and _model_key(d) != key:
+            log.warning("removing %s: the model of another training (this one computes something else)", d)
+            remove_owned(d)
+
+
 def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -93,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                              "MLflow run (the earlier checkpoints stay where they were)",
         start=lambda: start_run(client, cfg, f"pretrain-{cfg.model.kind}", {
             "keplm.job": "pretrain", "keplm.model": cfg.model.kind, "keplm.training_key": key, **lineage}))
+    drop_other_trainings_model(out, key)
     t = cfg.train
     with console.stage("train", f"{inputs['rows']:,} rows, {t.num_workers} workers x batch {t.batch_size}"
                                 f"{f' x {t.grad_accum} micro-steps' if t.grad_accum > 1 else ''}") as st:
@@ -112,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
     finished = result.checkpoint is not None and metrics.get("final")
     if finished:
         with result.checkpoint.as_directory() as d:
-            shutil.rmtree(out / "model", ignore_errors=True)
+            remove_owned(out / "model")   # only what keplm wrote (keplm.platform.outputs)
             shutil.copytree(Path(d) / "model", out / "model")
         shutil.copytree(stages["prepare"] / "tokenizer", out / "model", dirs_exist_ok=True)
+        mark_model(out / "model", key)
     summary = {**counts, "mlflow_run_id": run_id, "tracking_uri": uri,
                "model_dir": str(out / "model") if (out / "model").is_dir() else None}
     extra = {"stages": {k: str(Path(v).resolve()) for k, v in stages.items() if v is not None},
@@ -127,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
                                        "counts": summary, **extra}, cfg.export)
         client.log_artifacts(run_id, str(out / "model"), artifact_path="model")
         if bert is not None:
+            mark_model(Path(bert), key)
             client.log_artifacts(run_id, str(bert), artifact_path="model-bert")
         client.set_terminated(run_id, status="FINISHED")
     summary["bert_model_dir"] = str(out / "model-bert") if (out / "model-bert").is_dir() else None

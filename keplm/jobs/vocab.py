@@ -32,13 +32,16 @@ def run(args: argparse.Namespace) -> int:
     connect(cfg.ray, args.address)
     prep = cfg.prepare.model_copy(update={"corpus": [str(resolve_path(c)) for c in cfg.prepare.corpus]})
     out = Path(args.output)
-    with console.stage("vocab") as st:
-        tok_dir = train_vocab_from_corpus(prep, out)
-        size = sum(1 for _ in open(tok_dir / "vocab.txt", encoding="utf-8"))
+    from keplm.platform.outputs import staged
+
+    with console.stage("vocab") as st, staged(out, "vocab") as stage:   # published into out, manifest last
+        staged_tok = train_vocab_from_corpus(prep, stage)
+        size = sum(1 for _ in open(staged_tok / "vocab.txt", encoding="utf-8"))
         st["counts"] = f"{size:,} WordPiece tokens"
-    inputs = hash_inputs([p for p, _ in expand_inputs(prep.corpus)])
-    dump = keplm_config.dump(cfg)["prepare"]
-    write_manifest(out, "vocab", 1, {"prepare": dump}, inputs, {"vocab_size": size})
+        inputs = hash_inputs([p for p, _ in expand_inputs(prep.corpus)])
+        dump = keplm_config.dump(cfg)["prepare"]
+        write_manifest(stage, "vocab", 1, {"prepare": dump}, inputs, {"vocab_size": size})
+    tok_dir = out / staged_tok.name
     console.add_summary("tokenizer", str(tok_dir))
     console.result(json.dumps({"job": "vocab", "tokenizer": str(tok_dir), "vocab_size": size}))
     return 0

@@ -157,11 +157,8 @@ def run_embed(graph_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, conf
     task = ray.remote(num_cpus=1, num_gpus=gpus)(train_embeddings)
     result = ray.get(task.remote(mapped, names, rel_names, cfg))
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_embeddings(result["arrays"], out)
-    for name in ("entities.parquet", "relations.parquet"):
-        shutil.copy(Path(graph_dir) / name, out / name)
+    from keplm.platform.outputs import staged
+
     dim, rdim = _dims(cfg)
     counts = {
         **result["counts"], **result["metrics"],
@@ -169,7 +166,11 @@ def run_embed(graph_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, conf
         "entities": graph.num_entities, "relations": graph.relations.num_rows,
         "isolated_entities": int((graph.degree == 0).sum()), "dim": dim, "relation_dim": rdim,
     }
-    write_manifest(out, "kg_embed", EMBED_SCHEMA_VERSION, config_dump, hash_inputs([str(graph_dir)]), counts)
+    with staged(out_dir, "kg_embed") as out:   # published into out_dir, manifest last, on success
+        save_embeddings(result["arrays"], out)
+        for name in ("entities.parquet", "relations.parquet"):
+            shutil.copy(Path(graph_dir) / name, out / name)
+        write_manifest(out, "kg_embed", EMBED_SCHEMA_VERSION, config_dump, hash_inputs([str(graph_dir)]), counts)
     if tracking is not None:
         log_run(tracking, f"kg-embed-{cfg.model}", config_dump,
                 {f"kg_embed.{k}": v for k, v in result["metrics"].items()}, tags={"keplm.job": "kg_embed"})

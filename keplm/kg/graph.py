@@ -97,6 +97,15 @@ def adjacency_from_triples(num_entities: int, heads: np.ndarray, relations: np.n
 
 def build_graph(kg_dir: str | Path, out_dir: str | Path, cfg: GraphConfig, config_dump: dict,
                 corpus_dir: str | Path | None = None) -> dict:
+    """Build the graph stage into a staging directory, published into ``out_dir`` (manifest last) on success."""
+    from keplm.platform.outputs import staged
+
+    with staged(out_dir, "kg_build") as stage:
+        return _build_graph(kg_dir, stage, cfg, config_dump, corpus_dir)
+
+
+def _build_graph(kg_dir: str | Path, out_dir: str | Path, cfg: GraphConfig, config_dump: dict,
+                 corpus_dir: str | Path | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()

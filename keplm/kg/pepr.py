@@ -902,11 +902,13 @@ def run_neighbours(graph_dir: str | Path, out_dir: str | Path, cfg: PEPRConfig, 
     t = time.perf_counter()
     table, counts = compute_neighbours(graph, cfg, num_samples)
     counts["wall_seconds"] = round(time.perf_counter() - t, 3)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out / "neighbours.parquet")
-    for name in ("entities.parquet", "relations.parquet"):
-        shutil.copy(Path(graph_dir) / name, out / name)
+    from keplm.platform.outputs import staged
+
     counts = dict(sorted(counts.items()))
-    write_manifest(out, "kg_neighbours", NEIGHBOURS_SCHEMA_VERSION, config_dump, hash_inputs([str(graph_dir)]), counts)
+    with staged(out_dir, "kg_neighbours") as out:   # published into out_dir, manifest last, on success
+        pq.write_table(table, out / "neighbours.parquet")
+        for name in ("entities.parquet", "relations.parquet"):
+            shutil.copy(Path(graph_dir) / name, out / name)
+        write_manifest(out, "kg_neighbours", NEIGHBOURS_SCHEMA_VERSION, config_dump, hash_inputs([str(graph_dir)]),
+                       counts)
     return counts

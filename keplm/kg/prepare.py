@@ -38,6 +38,7 @@ from keplm.platform.config import Section, resolve_path
 from keplm.platform.corpus_io import detect_format, expand_inputs, iter_documents
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import hash_inputs, write_manifest
+from keplm.platform.outputs import staged
 from keplm.platform.text import CleanConfig, clean_text, segment_text
 from keplm.platform.tokenizer import VocabConfig, align_spans, load_tokenizer, train_wordpiece
 
@@ -240,8 +241,14 @@ def train_vocab_from_corpus(cfg: PrepareConfig, out_dir: Path, files: list[tuple
 
 
 def run_prepare(cfg: PrepareConfig, out_dir: str | Path, config_dump: dict) -> dict:
-    """Run the corpus stage; returns the manifest counts. Ray must be connected."""
-    out = Path(out_dir)
+    """Run the corpus stage; returns the manifest counts. Ray must be connected. Everything is written into a
+    staging directory and published into ``out_dir`` (manifest last) only when the stage has succeeded
+    (:func:`keplm.platform.outputs.staged`): a failed run leaves the previous output, and no manifest of its own."""
+    with staged(out_dir, "prepare") as stage:
+        return _run_prepare(cfg, stage, config_dump)
+
+
+def _run_prepare(cfg: PrepareConfig, out: Path, config_dump: dict) -> dict:
     if not cfg.corpus:
         raise KeplmError("prepare: no corpus given (--corpus PATH... or prepare.corpus)")
     if not cfg.kg:
@@ -256,13 +263,11 @@ def run_prepare(cfg: PrepareConfig, out_dir: str | Path, config_dump: dict) -> d
     counts: Counter = Counter()
     entities, linker = build_linker(cfg.kg, cfg, counts)
     for sub in ("shards", "rejected"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        (out / sub).mkdir(parents=True, exist_ok=True)   # in the fresh staging directory
 
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer, cfg.vocab.lowercase)  # validate on the driver
         tok_dir = out / "tokenizer"
-        shutil.rmtree(tok_dir, ignore_errors=True)
         tok.save_pretrained(str(tok_dir))
         if Path(cfg.tokenizer).is_file():
             shutil.copy(cfg.tokenizer, tok_dir / "vocab.txt")
@@ -321,10 +326,9 @@ def run_prepare(cfg: PrepareConfig, out_dir: str | Path, config_dump: dict) -> d
     inputs.update(hash_inputs([cfg.kg]))
     if cfg.tokenizer:
         inputs.update(hash_inputs([cfg.tokenizer]))
-    write_manifest(out, "prepare", SHARD_SCHEMA_VERSION, config_dump, inputs, manifest_counts)
-    if manifest_counts["documents_in"] == 0:
+    if manifest_counts["documents_in"] == 0:   # a failed prepare writes no manifest
         raise KeplmError(f"prepare: no documents found in {cfg.corpus}")
     if manifest_counts["documents_kept"] == 0:
-        raise KeplmError(f"prepare: all {manifest_counts['documents_in']} documents were rejected "
-                         f"({rejected}); see {out / 'manifest.json'}")
+        raise KeplmError(f"prepare: all {manifest_counts['documents_in']} documents were rejected ({rejected})")
+    write_manifest(out, "prepare", SHARD_SCHEMA_VERSION, config_dump, inputs, manifest_counts)
     return manifest_counts

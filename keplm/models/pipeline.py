@@ -4,8 +4,10 @@ lineage checks, the worker inputs, and the MLflow run of a training. ``keplm pre
 
 Stages live under one output directory (``prepare/``, ``graph/``, ``neighbours/``, ``embed-transr/`` or
 ``embed-transe/``). A stage is reused when its ``stage_key.json`` — a hash of its config section and of its
-inputs (files, or upstream manifests) — still matches, so a rerun skips finished stages and a changed K or
-corpus reruns only what depends on it.
+inputs (files, or upstream manifests), and of the manifest it was written for — still matches, so a rerun skips
+finished stages and a changed K or corpus reruns only what depends on it. A stage is written into a staging
+directory and published with its manifest last, and its key is removed before a rebuild and written (atomically)
+after it: a stage whose run failed or was killed part-way is rebuilt, never reused.
 """
 
 from __future__ import annotations
@@ -29,17 +31,34 @@ def _stage(out: Path, key_parts: dict, run) -> Path:
     one at its end (seconds, counts)."""
     from keplm.platform import console
 
+    from keplm.platform.outputs import is_owned, mark, write_json_atomic
+
     key = sha256_json(key_parts)
     key_file = out / "stage_key.json"
-    if (out / MANIFEST).is_file() and key_file.is_file() and json.loads(key_file.read_text())["key"] == key:
+    if _finished_stage_key(out) == key:
         log.info("reusing stage %s: %s (inputs and config unchanged)", out.name, out)
         return out
     with console.stage(out.name) as st:
-        run(out)
-        key_file.write_text(json.dumps({"key": key}))
+        if is_owned(out.parent) or key_file.is_file():   # a stage directory of a keplm output (or of keplm before markers)
+            mark(out)
+        key_file.unlink(missing_ok=True)   # from here until the new key is written, nothing here is reused
+        run(out)   # publishes the stage (manifest last) only when it succeeds: keplm.platform.outputs.staged
+        write_json_atomic(key_file, {"key": key, "manifest": sha256_file(out / MANIFEST)})
         manifest = read_manifest(out)
         st["counts"] = describe_counts(manifest.get("job", ""), manifest.get("counts") or {})
     return out
+
+
+def _finished_stage_key(out: Path) -> str | None:
+    """The key of the finished stage in ``out``, or None (rebuild) when its manifest is missing, its
+    ``stage_key.json`` is missing, empty or corrupt, or the manifest is not the one the key was written for."""
+    try:
+        doc = json.loads((out / "stage_key.json").read_text(encoding="utf-8"))
+        if doc["manifest"] != sha256_file(out / MANIFEST):
+            return None
+        return str(doc["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _manifest_hash(d: Path) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,7 @@ def write_manifest(out_dir: str | Path, job: str, schema_version: int, config: d
         **extra,
     }
     path = out / MANIFEST
-    tmp = path.with_suffix(".tmp")
+    tmp = out / f".{MANIFEST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"   # unique: two writers never share it
     tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=False), encoding="utf-8")
     tmp.replace(path)
     return path
