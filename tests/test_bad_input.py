@@ -198,7 +198,7 @@ def job(module: str, argv: list[str], capsys) -> tuple[int, str]:
 
 def one_error_line(err: str, job_name: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith("keplm ")]
-    assert len(lines) == 1 and lines[0].startswith(f"keplm {job_name.split()[0]}"), err
+    assert len(lines) == 1 and lines[0].startswith(f"keplm {job_name}: error: "), err
     assert "Traceback" not in err, err
     return lines[0]
 
@@ -242,6 +242,62 @@ def test_augment_refuses_an_output_holding_its_input(tmp_path, capsys):
     rc, err = job("augment", ["--checkpoint", tmp_path / "nomodel", "--data", data, "--output", tmp_path], capsys)
     assert rc == 2 and "inside" in one_error_line(err, "augment")
     assert data.read_text() == "头 B-x\n痛 I-x\n\n"
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "out.txt"
+    f.write_text("mine")
+    rc, err = job("prepare", ["--config", DEMO_CONFIG, "--output", f], capsys)
+    assert rc == 2 and "existing file" in one_error_line(err, "prepare") and f.read_text() == "mine"
+
+
+@pytest.mark.parametrize("override,words", [
+    ("ray.num_cpus=0", "ray.num_cpus"),                      # a local Ray with 0 CPUs waited forever
+    ("prepare.vocab.vocab_size=-5", "prepare.vocab.vocab_size"),
+    ("prepare.max_seq_len=abc", "prepare.max_seq_len"),
+    ("prepare.nonsense=1", "nonsense"),
+])
+def test_a_bad_config_value_is_one_line(tmp_path, capsys, override, words):
+    rc, err = job("prepare", ["--config", DEMO_CONFIG, "--output", tmp_path / "o", override], capsys)
+    assert rc == 2 and words in one_error_line(err, "prepare")
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "ray: 3\n", "prepare: [1, 2\n", "\x00\x01"])
+def test_a_config_of_the_wrong_yaml_type_is_one_line(tmp_path, capsys, text):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    rc, err = job("prepare", ["--config", cfg, "--output", tmp_path / "o"], capsys)
+    assert rc == 2
+    one_error_line(err, "prepare")
+
+
+def test_a_missing_input_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    rc, err = job("augment", ["--checkpoint", tmp_path / "model", "--data", tmp_path / "absent.txt",
+                              "--output", tmp_path / "o"], capsys)
+    assert rc == 2 and "absent.txt" in one_error_line(err, "augment")
+
+
+def test_user_input_errors_are_one_line_and_bugs_stay_tracebacks(capsys):
+    import argparse
+    import gzip
+    import zlib
+
+    from keplm.jobs.common import run_job
+
+    args = argparse.Namespace(job="kg", kg_job="build")
+    for exc in (FileNotFoundError(2, "No such file or directory", "/data/kg/entities.tsv"),
+                gzip.BadGzipFile("Not a gzipped file (b'ab')"), EOFError("Compressed file ended before the end"),
+                zlib.error("Error -3 while decompressing data"), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad")):
+        def fn(_, exc=exc):
+            raise exc
+        assert run_job(fn, args) == 2
+        one_error_line(capsys.readouterr().err, "kg build")
+
+    def bug(_):
+        raise ZeroDivisionError("a bug of keplm")
+    with pytest.raises(ZeroDivisionError):
+        run_job(bug, args)
 
 
 def test_an_output_holding_someone_elses_files_is_refused_untouched(tmp_path, capsys):

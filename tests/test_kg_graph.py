@@ -86,7 +86,7 @@ def test_unusable_inputs_give_one_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "keplm.jobs.kg", "build", "--kg", str(kg), "--output", str(tmp_path / "g")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("keplm kg: error:")
+    assert r.stderr.strip().splitlines()[-1].startswith("keplm kg build: error:")
 
 
 def test_build_demo_with_corpus_frequencies(tmp_path, demo_prepared):

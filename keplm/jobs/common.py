@@ -7,6 +7,7 @@ import argparse
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from keplm.platform import console
 from keplm.platform.errors import KeplmError
@@ -48,6 +49,8 @@ def run_job(fn: Callable[[argparse.Namespace], int | None], args: argparse.Names
     name = job_name(args)
     output = getattr(args, "output", None)
     try:
+        if output and Path(output).exists() and not Path(output).is_dir():
+            raise KeplmError(f"--output {output} is an existing file, not a directory")
         with console.Session(name, output, verbose=getattr(args, "verbose", False)) as session:
             rc = fn(args) or 0
             session.finish()
@@ -55,11 +58,49 @@ def run_job(fn: Callable[[argparse.Namespace], int | None], args: argparse.Names
             print(session.result_line, flush=True)
         return rc
     except KeplmError as exc:
-        print(f"keplm {args.job}: error: {exc}", file=sys.stderr)
+        print(f"keplm {name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"keplm {args.job}: interrupted", file=sys.stderr)
+        print(f"keplm {name}: interrupted", file=sys.stderr)
         return 130
+    except USER_INPUT_ERRORS as exc:   # what a user's files or config cause; a bug of keplm stays a traceback
+        print(f"keplm {name}: error: {describe_user_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def _user_input_errors() -> tuple[type[BaseException], ...]:
+    import gzip
+    import json
+    import zlib
+
+    import yaml
+    from pydantic import ValidationError
+
+    return (ValidationError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error, json.JSONDecodeError, yaml.YAMLError)
+
+
+# The one place where the exceptions a user's input or config can cause (beyond keplm's own KeplmError) become the
+# one-line error and exit code 2: invalid config values met outside the config loader, missing or unreadable
+# paths, undecodable, truncated or corrupt files, malformed JSON/YAML. Anything else is a bug and keeps its
+# traceback.
+USER_INPUT_ERRORS = _user_input_errors()
+
+
+def describe_user_error(exc: BaseException) -> str:
+    """One line for an exception of ``USER_INPUT_ERRORS``: what happened, to which file."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        from keplm.platform.config import format_validation_error
+
+        return format_validation_error(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or exc.__class__.__name__}: {exc.filename}"
+    text = " ".join(str(exc).split())
+    kind = {"BadGzipFile": "not a gzip file", "EOFError": "a compressed file ends early (truncated)",
+            "error": "corrupt compressed data"}.get(exc.__class__.__name__, exc.__class__.__name__)
+    return f"{kind}: {text}" if text else kind
 
 
 def module_main(register: Callable[[argparse._SubParsersAction], None], argv: list[str] | None = None) -> int:

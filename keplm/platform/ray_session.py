@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster to join; --address and RAY_ADDRESS take precedence; "
                                                   "unset: start a local Ray")
-    num_cpus: int | None = Field(None, description="CPUs of the local Ray; unset: all of the machine's")
+    # 0 CPUs would start a Ray on which no task ever runs: the job would wait forever
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray; unset: all of the machine's")
     object_store_memory_mb: int = Field(500, description="object store size of the local Ray, in MiB")
     include_dashboard: bool = Field(False, description="start the local Ray with its dashboard (and State API); "
                                                        "sweeps start it regardless")

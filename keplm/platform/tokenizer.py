@@ -18,10 +18,10 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 class VocabConfig(Section):
-    vocab_size: int = Field(8000, description="size of the trained WordPiece vocab, special tokens included")
-    min_frequency: int = Field(2, description="a piece is merged into the vocab only if seen this many times")
+    vocab_size: int = Field(8000, ge=6, description="size of the trained WordPiece vocab, special tokens included")
+    min_frequency: int = Field(2, ge=0, description="a piece is merged into the vocab only if seen this many times")
     lowercase: bool = Field(True, description="lowercase text before training (and in the trained tokenizer)")
-    limit_alphabet: int = Field(6000, description="at most this many distinct initial characters (CJK "
+    limit_alphabet: int = Field(6000, ge=1, description="at most this many distinct initial characters (CJK "
                                                   "characters included) kept in the alphabet")
 
 
