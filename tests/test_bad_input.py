@@ -472,3 +472,84 @@ def test_pretrain_drops_the_model_of_another_training(tmp_path):
     assert (out / "model").is_dir() and (out / "model-bert").is_dir()   # this training's: kept
     drop_other_trainings_model(out, "key-B")                              # a run of another training
     assert not (out / "model").exists() and not (out / "model-bert").exists()
+
+
+# --- corpus records: bounded sizes, every bad record a counted reject, the rest intact -----------------------------
+
+def _docs(path, fmt=None, limit=None):
+    from keplm.platform.corpus_io import MAX_RECORD_BYTES, detect_format, iter_documents
+
+    return list(iter_documents(str(path), Path(path).name, fmt or detect_format(str(path)), "text", "id", 100,
+                               limit or MAX_RECORD_BYTES))
+
+
+def _reasons(rows):
+    from collections import Counter
+
+    return Counter(r["reject_reason"] for r in rows)
+
+
+def test_a_10mb_single_line_is_one_counted_reject_and_the_next_lines_stand(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_bytes(b"x" * (10 << 20) + b"\n" + "头痛三天。\n".encode() * 3)
+    rows = _docs(f)
+    assert _reasons(rows) == {"record_too_large": 1, None: 3}
+    assert rows[0]["doc_id"] == "c.txt:1" and rows[1]["text"] == "头痛三天。"
+
+
+def test_a_file_without_newlines_is_never_read_whole(tmp_path):
+    import tracemalloc
+
+    f = tmp_path / "c.jsonl"
+    f.write_bytes(b'{"text": "' + b"a" * (32 << 20) + b'"}')   # 32 MB, no newline
+    tracemalloc.start()
+    rows = _docs(f, limit=64 << 10)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert _reasons(rows) == {"record_too_large": 1}
+    assert peak < 8 << 20                                   # a few 1 MiB skip reads, never the 32 MB line
+
+
+def test_a_minified_json_array_is_a_counted_reject(tmp_path):
+    import json
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps([{"id": i, "text": "头痛" * 50} for i in range(2000)]))
+    assert _reasons(_docs(f, limit=64 << 10)) == {"record_too_large": 1}
+    assert _reasons(_docs(f)) == {"malformed_json": 1}      # under the bound: one record, not an object
+
+
+def test_an_oversize_parquet_value_is_a_counted_reject(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["中" * 100_000, "头痛三天"]}), f)
+    rows = _docs(f, limit=100_000)
+    assert [r["reject_reason"] for r in rows] == ["record_too_large", None]
+
+
+def test_truncated_and_corrupt_gzip_keep_the_lines_read_before(tmp_path):
+    import gzip
+
+    whole = gzip.compress("".join(f'{{"id": "{i}", "text": "第{i}个病例，头痛。"}}\n' for i in range(2000)).encode())
+    (tmp_path / "t.jsonl.gz").write_bytes(whole[: len(whole) // 2])          # truncated
+    rows = _docs(tmp_path / "t.jsonl.gz")
+    assert rows[-1]["reject_reason"] == "unreadable_file" and _reasons(rows)[None] == len(rows) - 1 > 0
+    (tmp_path / "c.jsonl.gz").write_bytes(b"this is not gzip at all\n")       # corrupt
+    assert _reasons(_docs(tmp_path / "c.jsonl.gz")) == {"unreadable_file": 1}
+    bad = bytearray(whole)
+    bad[len(bad) // 2: len(bad) // 2 + 64] = bytes(64)                       # damaged in the middle
+    (tmp_path / "d.jsonl.gz").write_bytes(bytes(bad))
+    rows = _docs(tmp_path / "d.jsonl.gz")
+    assert rows[-1]["reject_reason"] in ("unreadable_file", "malformed_json", "undecodable")
+
+
+def test_nul_bytes_and_mixed_encodings(tmp_path):
+    from keplm.platform.text import clean_text
+
+    f = tmp_path / "c.txt"
+    f.write_bytes("头\x00痛\x00三天\n".encode() + "胃痛两周\n".encode("gbk") + "咳嗽\n".encode("utf-8-sig"))
+    rows = _docs(f)
+    assert [r["reject_reason"] for r in rows] == [None, "undecodable", None]
+    assert clean_text(rows[0]["text"]) == "头痛三天"

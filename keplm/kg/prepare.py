@@ -35,7 +35,7 @@ from pydantic import Field
 from keplm.kg.linker import EntityLinker, LinkConfig
 from keplm.kg.reader import Entities, read_aliases, read_entities, write_entities
 from keplm.platform.config import Section, resolve_path
-from keplm.platform.corpus_io import detect_format, expand_inputs, iter_documents
+from keplm.platform.corpus_io import MAX_RECORD_BYTES, detect_format, expand_inputs, iter_documents
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import hash_inputs, write_manifest
 from keplm.platform.outputs import staged
@@ -70,6 +70,8 @@ class PrepareConfig(Section):
                                                                 "from the file suffix")
     text_field: str = Field("text", description="JSON-lines / Parquet field holding a document's text")
     id_field: str = Field("id", description="field holding a document's id; absent: <file>:<line>")
+    max_record_mb: float = Field(8, gt=0, description="a corpus record (a line, a Parquet text value) larger than "
+                                 "this many MiB is rejected as record_too_large, never read whole")
     min_chars: int = Field(256, ge=0, description="documents shorter than this after cleaning are rejected")
     max_seq_len: int = Field(512, ge=8, description="tokens per segment with [CLS]/[SEP]; longer documents are "
                                                     "split at sentence ends")
@@ -90,11 +92,13 @@ class PrepareConfig(Section):
 
 # ---------------------------------------------------------------- pipeline stages (run on workers)
 
-def read_files(batch: dict, fmt: str, text_field: str, id_field: str, rows: int):
+def read_files(batch: dict, fmt: str, text_field: str, id_field: str, rows: int,
+               max_record_bytes: int = MAX_RECORD_BYTES):
     """One corpus file per call -> batches of document rows."""
     for path, name in zip(batch["path"], batch["name"]):
         buf: list[dict] = []
-        for row in iter_documents(str(path), str(name), detect_format(str(path), fmt), text_field, id_field, rows):
+        for row in iter_documents(str(path), str(name), detect_format(str(path), fmt), text_field, id_field, rows,
+                                  max_record_bytes):
             buf.append(row)
             if len(buf) >= rows:
                 yield pa.Table.from_pylist(buf, schema=_DOC_SCHEMA)
@@ -204,7 +208,8 @@ def _documents(ds_files, cfg: PrepareConfig):
     # reading is light next to linking; a fractional CPU keeps it schedulable beside a full actor pool
     return ds_files.map_batches(
         read_files, batch_size=1, batch_format="numpy", num_cpus=cfg.read_num_cpus,
-        fn_kwargs=dict(fmt=cfg.format, text_field=cfg.text_field, id_field=cfg.id_field, rows=cfg.read_batch_rows),
+        fn_kwargs=dict(fmt=cfg.format, text_field=cfg.text_field, id_field=cfg.id_field, rows=cfg.read_batch_rows,
+                       max_record_bytes=int(cfg.max_record_mb * (1 << 20))),
     )
 
 

@@ -6,7 +6,12 @@ one the id is ``<file>:<line>`` (``<file>:<row>`` for Parquet, 1-based), ``<file
 relative to the directory it was found in, or the file name.
 
 Every record becomes one row ``{doc_id, text, reject_reason}``: ``text`` for a usable record, else
-``reject_reason`` in {empty, undecodable, malformed_json, missing_field, not_text, unreadable_file}.
+``reject_reason`` in {empty, undecodable, malformed_json, missing_field, not_text, unreadable_file,
+record_too_large}.
+
+Sizes are bounded: a line is read at most ``max_record_bytes`` (+1) bytes at a time, so a file without newlines or
+a minified ``.json`` array is never read into memory whole; a line (or a Parquet text value) longer than that is
+one ``record_too_large`` reject, its rest skipped in 1 MiB reads, and the lines after it are read as usual.
 Nothing raises for a bad record; a file that cannot be opened at all becomes one ``unreadable_file``
 row. Only "no input files at all" is an error.
 """
@@ -23,6 +28,20 @@ from pathlib import Path
 from keplm.platform.errors import KeplmError
 
 FORMATS = ("jsonl", "text", "parquet")
+MAX_RECORD_BYTES = 8 << 20   # default bound of one record (a line, or a Parquet text value), in bytes
+_SKIP_CHUNK = 1 << 20
+
+
+def read_lines(f, limit: int) -> Iterator[bytes | None]:
+    """The lines of binary file ``f`` (newline kept), or None for a line longer than ``limit`` bytes (newline not
+    counted), of which at most ``limit + 1`` bytes are ever held."""
+    while raw := f.readline(limit + 1):
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (chunk := f.readline(_SKIP_CHUNK)) and not chunk.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
 
 
 def expand_inputs(patterns: list[str]) -> list[tuple[str, str]]:
@@ -72,13 +91,17 @@ def _from_value(doc_id: str, value) -> dict:
     return _row(doc_id, value)
 
 
-def _iter_lines(path: str, name: str, fmt: str, text_field: str, id_field: str) -> Iterator[dict]:
+def _iter_lines(path: str, name: str, fmt: str, text_field: str, id_field: str,
+                max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     lineno = 0
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            for lineno, raw in enumerate(read_lines(f, max_record_bytes), start=1):
                 fallback_id = f"{name}:{lineno}"
+                if raw is None:
+                    yield _row(fallback_id, reason="record_too_large")
+                    continue
                 try:
                     line = raw.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError:
@@ -109,7 +132,8 @@ def _iter_lines(path: str, name: str, fmt: str, text_field: str, id_field: str) 
         yield _row(f"{name}:{lineno + 1}", reason="unreadable_file")
 
 
-def _iter_parquet(path: str, name: str, text_field: str, id_field: str, batch_rows: int) -> Iterator[dict]:
+def _iter_parquet(path: str, name: str, text_field: str, id_field: str, batch_rows: int,
+                  max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     try:
@@ -128,13 +152,16 @@ def _iter_parquet(path: str, name: str, text_field: str, id_field: str, batch_ro
             doc_id = str(rid) if rid not in (None, "") else f"{name}:{row}"
             if text_field not in data:
                 yield _row(doc_id, reason="missing_field")
+            elif isinstance(data[text_field][i], str) and len(data[text_field][i]) * 4 > max_record_bytes \
+                    and len(data[text_field][i].encode("utf-8")) > max_record_bytes:
+                yield _row(doc_id, reason="record_too_large")
             else:
                 yield _from_value(doc_id, data[text_field][i])
 
 
 def iter_documents(path: str, name: str, fmt: str, text_field: str = "text", id_field: str = "id",
-                   batch_rows: int = 1000) -> Iterator[dict]:
+                   batch_rows: int = 1000, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict]:
     if fmt == "parquet":
-        yield from _iter_parquet(path, name, text_field, id_field, batch_rows)
+        yield from _iter_parquet(path, name, text_field, id_field, batch_rows, max_record_bytes)
     else:
-        yield from _iter_lines(path, name, fmt, text_field, id_field)
+        yield from _iter_lines(path, name, fmt, text_field, id_field, max_record_bytes)
