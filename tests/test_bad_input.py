@@ -553,3 +553,107 @@ def test_nul_bytes_and_mixed_encodings(tmp_path):
     rows = _docs(f)
     assert [r["reject_reason"] for r in rows] == [None, "undecodable", None]
     assert clean_text(rows[0]["text"]) == "头痛三天"
+
+
+# --- the KG: bad lines counted, a KG with nothing usable one line ------------------------------------------------
+
+def _kg(d: Path, entities: str, triples: str, aliases: str | None = None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "entities.tsv").write_text("name\ttype\n" + entities, encoding="utf-8")
+    (d / "triples.tsv").write_text("head\trelation\ttail\n" + triples, encoding="utf-8")
+    if aliases is not None:
+        (d / "aliases.tsv").write_text("alias\tname\n" + aliases, encoding="utf-8")
+    return d
+
+
+GOOD_TRIPLES = "".join(f"e{i}\tr\te{i + 1}\n" for i in range(12))
+GOOD_ENTITIES = "".join(f"e{i}\tT\n" for i in range(13))
+
+
+@pytest.mark.parametrize("case,entities,triples,words", [
+    ("every entity line bad", "no tab here\n\t\nx\ty\tz\n", GOOD_TRIPLES, "no usable entity"),
+    ("every triple line bad", GOOD_ENTITIES, "a\tb\nnope\n\t\t\n", "no usable triple"),
+    ("self loops only", GOOD_ENTITIES, "".join(f"e{i}\tr\te{i}\n" for i in range(13)), "self_loop"),
+    ("unknown entities only", GOOD_ENTITIES, "x\tr\ty\n", "unknown_entity"),
+])
+def test_a_kg_with_nothing_usable_is_one_line_and_no_output(tmp_path, capsys, case, entities, triples, words):
+    kg = _kg(tmp_path / "kg", entities, triples)
+    rc, err = job("kg", ["build", "--kg", kg, "--output", tmp_path / "g"], capsys)
+    assert rc == 2 and words in one_error_line(err, "kg build")
+    assert not (tmp_path / "g" / "manifest.json").exists()
+
+
+def test_duplicate_entities_with_other_types_and_bad_aliases_are_counted(tmp_path):
+    from keplm.kg.graph import GraphConfig, build_graph
+    from keplm.platform.manifest import read_manifest
+
+    kg = _kg(tmp_path / "kg", GOOD_ENTITIES + "e0\tOther\ne1\tOther\n", GOOD_TRIPLES,
+             aliases="a0\te0\nghost\tnobody\na1\tsynonym_of\te1\ne2\te2\n")
+    counts = build_graph(kg, tmp_path / "g", GraphConfig(), {})
+    m = read_manifest(tmp_path / "g", "kg_build")
+    assert m["counts"]["entities"] == 13 and counts["entities_duplicate"] == 2
+    import pyarrow.parquet as pq
+
+    types = pq.read_table(tmp_path / "g" / "entities.parquet").column("type").to_pylist()
+    assert types[:2] == ["T", "T"]                              # a repeated name keeps its first type
+    assert counts["aliases_unknown_entity"] == 1 and counts["aliases_malformed"] == 1 and counts["aliases_self"] == 1
+
+
+def test_a_truncated_gzipped_kg_is_one_line(tmp_path, capsys):
+    import gzip
+
+    kg = _kg(tmp_path / "kg", GOOD_ENTITIES, GOOD_TRIPLES)
+    data = gzip.compress((kg / "triples.tsv").read_bytes() * 50)
+    (kg / "triples.tsv").unlink()
+    (kg / "triples.tsv.gz").write_bytes(data[: len(data) // 2])
+    rc, err = job("kg", ["build", "--kg", kg, "--output", tmp_path / "g"], capsys)
+    assert rc in (0, 2) and "Traceback" not in err           # the lines before the damage stand, or one line
+    if rc == 2:
+        one_error_line(err, "kg build")
+
+
+# --- prepare on a real local Ray ------------------------------------------------------------------------------------
+
+def _prepare(out, corpus, *overrides):
+    from keplm import config
+    from keplm.kg.prepare import run_prepare
+
+    cfg = config.load(DEMO_CONFIG, [f"prepare.corpus={[str(c) for c in corpus]}", "prepare.num_workers=1",
+                                    "prepare.vocab.vocab_size=500", *overrides])
+    return run_prepare(cfg.prepare, out, {"prepare": config.dump(cfg)["prepare"]})
+
+
+def test_duplicate_ids_are_counted_rejects_and_shard_names_never_collide(ray_local, tmp_path):
+    import pyarrow.parquet as pq
+
+    from keplm.platform.manifest import read_manifest
+
+    src = REPO / "keplm" / "data" / "demo" / "corpus" / "demo_corpus.jsonl"
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)[:200]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text("".join(lines), encoding="utf-8")
+    (tmp_path / "c" / "b.jsonl").write_text("".join(lines), encoding="utf-8")          # the same ids again
+    (tmp_path / "c" / "c.jsonl").write_text("".join(lines[:10] * 2), encoding="utf-8")  # repeated inside a file
+    counts = _prepare(tmp_path / "out", [tmp_path / "c"], "prepare.batch_size=50")
+    assert counts["documents_in"] == 420 and counts["documents_rejected"]["duplicate_id"] == 220
+    rows = pq.read_table(tmp_path / "out" / "shards").select(["doc_id", "segment"]).to_pylist()
+    assert len(rows) == counts["segments"] == len({(r["doc_id"], r["segment"]) for r in rows})
+    assert len(list((tmp_path / "out" / "shards").glob("*.parquet"))) == counts["shard_files"]
+    assert read_manifest(tmp_path / "out", "prepare")["counts"] == counts
+
+
+def test_a_failed_prepare_leaves_the_previous_output_whole_and_writes_no_manifest(ray_local, tmp_path):
+    from keplm.platform.errors import KeplmError
+    from keplm.platform.manifest import read_manifest
+
+    src = REPO / "keplm" / "data" / "demo" / "corpus" / "demo_corpus.jsonl"
+    (tmp_path / "good.jsonl").write_text("".join(src.read_text(encoding="utf-8").splitlines(True)[:100]))
+    _prepare(tmp_path / "out", [tmp_path / "good.jsonl"])
+    before = read_manifest(tmp_path / "out", "prepare")
+    shards = sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.parquet"))
+    (tmp_path / "short.txt").write_text("短\n太短\n")
+    with pytest.raises(KeplmError, match="all 2 documents were rejected"):
+        _prepare(tmp_path / "out", [tmp_path / "short.txt"])
+    assert read_manifest(tmp_path / "out", "prepare") == before
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.parquet")) == shards
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".staging-")]

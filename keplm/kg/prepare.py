@@ -5,6 +5,11 @@ read files (tasks, one per file, yielding small blocks) -> :class:`LinkAndTokeni
 ``num_workers`` (clean + segment + link + tokenise, then writes that batch's shard and quarantine files)
 -> one row of counts and entity frequencies per batch, which the driver sums into the manifest.
 
+Document ids are unique in the output: before any cleaning or linking, one light pass reads every record's id
+(:func:`find_duplicate_ids`), and a record whose id an earlier record already has (files in sorted path order,
+records in file order) is rejected as ``duplicate_id``; the first keeps the id. This holds for the fallback
+ids ``<file>:<line>`` too (two inputs with the same relative name and no id field).
+
 Output directory (shard schema version 1)::
 
     shards/<batch-hash>.parquet      doc_id: string, segment: int32, text: string (cleaned segment),
@@ -55,7 +60,9 @@ SHARD_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())), ("mentions", pa.list_(MENTION_TYPE)),
 ])
 REJECT_SCHEMA = pa.schema([("doc_id", pa.string()), ("reason", pa.string())])
-_DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("reject_reason", pa.string())])
+# source: "<path>#<record index>", unique per record (what shard file names hash)
+_DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("reject_reason", pa.string()),
+                         ("source", pa.string())])
 _SEGMENT_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("segment", pa.int32()), ("text", pa.string()), ("reject_reason", pa.string()),
 ])
@@ -93,12 +100,17 @@ class PrepareConfig(Section):
 # ---------------------------------------------------------------- pipeline stages (run on workers)
 
 def read_files(batch: dict, fmt: str, text_field: str, id_field: str, rows: int,
-               max_record_bytes: int = MAX_RECORD_BYTES):
-    """One corpus file per call -> batches of document rows."""
+               max_record_bytes: int = MAX_RECORD_BYTES, duplicates: dict | None = None):
+    """One corpus file per call -> batches of document rows; the records ``duplicates`` lists for the file (record
+    indexes) are ``duplicate_id`` rejects."""
     for path, name in zip(batch["path"], batch["name"]):
         buf: list[dict] = []
-        for row in iter_documents(str(path), str(name), detect_format(str(path), fmt), text_field, id_field, rows,
-                                  max_record_bytes):
+        dup = (duplicates or {}).get(str(path), frozenset())
+        for i, row in enumerate(iter_documents(str(path), str(name), detect_format(str(path), fmt), text_field,
+                                               id_field, rows, max_record_bytes)):
+            row["source"] = f"{path}#{i}"
+            if i in dup:
+                row["text"], row["reject_reason"] = None, "duplicate_id"
             buf.append(row)
             if len(buf) >= rows:
                 yield pa.Table.from_pylist(buf, schema=_DOC_SCHEMA)
@@ -128,8 +140,9 @@ class LinkAndTokenize:
 
     Each call writes its batch's shard and quarantine files itself and returns one small row of counts,
     so the big linked tables never travel through the object store to separate write tasks (that hop
-    cost more than the linking on 2 cores). File names are a hash of the batch's doc ids: a retried
-    batch overwrites its own files instead of duplicating them.
+    cost more than the linking on 2 cores). File names are a hash of the batch's record sources (file path and
+    record index, unique per record): two batches never share a name, and a retried batch overwrites its own
+    files instead of duplicating them.
     """
 
     def __init__(self, linker: EntityLinker, tokenizer_json: str, max_seq_len: int, clean_kwargs: dict,
@@ -172,7 +185,8 @@ class LinkAndTokenize:
         import hashlib
 
         kept, rejected, dropped = self.link_batch(table)
-        name = hashlib.sha1("\n".join(table.column("doc_id").to_pylist()).encode()).hexdigest()[:20] + ".parquet"
+        # the hash of the batch's record sources (path#index): unique per batch, the same when a batch is retried
+        name = hashlib.sha1("\n".join(table.column("source").to_pylist()).encode()).hexdigest()[:20] + ".parquet"
         c: Counter = Counter()
         freq: Counter = Counter()
         if rejected:
@@ -204,13 +218,54 @@ def build_linker(kg_dir: str, cfg: PrepareConfig, counts: Counter) -> tuple[Enti
     return entities, linker
 
 
-def _documents(ds_files, cfg: PrepareConfig):
+def _documents(ds_files, cfg: PrepareConfig, duplicates: dict | None = None):
     # reading is light next to linking; a fractional CPU keeps it schedulable beside a full actor pool
     return ds_files.map_batches(
         read_files, batch_size=1, batch_format="numpy", num_cpus=cfg.read_num_cpus,
         fn_kwargs=dict(fmt=cfg.format, text_field=cfg.text_field, id_field=cfg.id_field, rows=cfg.read_batch_rows,
-                       max_record_bytes=int(cfg.max_record_mb * (1 << 20))),
+                       max_record_bytes=_max_record_bytes(cfg), duplicates=duplicates),
     )
+
+
+def _max_record_bytes(cfg: PrepareConfig) -> int:
+    return int(cfg.max_record_mb * (1 << 20))
+
+
+def _file_id_digests(path: str, name: str, fmt: str, cfg: PrepareConfig):
+    """A 16-byte digest of each record's doc id, in reading order (numpy 'V16')."""
+    import hashlib
+
+    import numpy as np
+
+    digests = b"".join(hashlib.blake2b(row["doc_id"].encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                       for row in iter_documents(path, name, fmt, cfg.text_field, cfg.id_field, cfg.read_batch_rows,
+                                                 _max_record_bytes(cfg)))
+    return np.frombuffer(digests, dtype="V16")
+
+
+def find_duplicate_ids(files: list[tuple[str, str]], cfg: PrepareConfig) -> dict[str, frozenset[int]]:
+    """Before any cleaning or linking: path -> indexes of the records whose doc id an earlier record has (files in
+    their sorted order, records in file order). One light Ray task per file reads only the ids' digests; the
+    driver keeps 16 bytes per record."""
+    import numpy as np
+    import ray
+
+    task = ray.remote(num_cpus=cfg.read_num_cpus)(_file_id_digests)
+    per_file = ray.get([task.remote(p, n, detect_format(p, cfg.format), cfg) for p, n in files])
+    every = np.concatenate(per_file) if per_file else np.empty(0, "V16")
+    if len(every) == 0:
+        return {}
+    _, first = np.unique(every, return_index=True)   # a stable sort: the first occurrence of each id
+    repeated = np.ones(len(every), bool)
+    repeated[first] = False
+    out: dict[str, frozenset[int]] = {}
+    start = 0
+    for (path, _), digests in zip(files, per_file):
+        idx = np.flatnonzero(repeated[start:start + len(digests)])
+        if len(idx):
+            out[path] = frozenset(idx.tolist())
+        start += len(digests)
+    return out
 
 
 def _clean_kwargs(cfg: PrepareConfig) -> dict:
@@ -228,10 +283,11 @@ def _file_dataset(files: list[tuple[str, str]], block_kb: int):
     return ds
 
 
-def train_vocab_from_corpus(cfg: PrepareConfig, out_dir: Path, files: list[tuple[str, str]] | None = None) -> Path:
+def train_vocab_from_corpus(cfg: PrepareConfig, out_dir: Path, files: list[tuple[str, str]] | None = None,
+                            duplicates: dict | None = None) -> Path:
     """Train a WordPiece vocab on the cleaned segments, streamed from Ray Data to the trainer."""
     files = files if files is not None else expand_inputs(cfg.corpus)
-    segments = _documents(_file_dataset(files, cfg.block_kb), cfg).map_batches(
+    segments = _documents(_file_dataset(files, cfg.block_kb), cfg, duplicates).map_batches(
         clean_and_segment, batch_format="pyarrow", fn_kwargs=_clean_kwargs(cfg))
 
     def texts():
@@ -267,6 +323,10 @@ def _run_prepare(cfg: PrepareConfig, out: Path, config_dump: dict) -> dict:
         detect_format(path, cfg.format)  # fail now, not inside a worker
     counts: Counter = Counter()
     entities, linker = build_linker(cfg.kg, cfg, counts)
+    duplicates = find_duplicate_ids(files, cfg)   # before the long work: a repeated id is a duplicate_id reject
+    if duplicates:
+        log.warning("prepare: %d records repeat the id of an earlier record: rejected as duplicate_id (the first "
+                    "record with an id is kept)", sum(len(v) for v in duplicates.values()))
     for sub in ("shards", "rejected"):
         (out / sub).mkdir(parents=True, exist_ok=True)   # in the fresh staging directory
 
@@ -278,11 +338,11 @@ def _run_prepare(cfg: PrepareConfig, out: Path, config_dump: dict) -> dict:
             shutil.copy(cfg.tokenizer, tok_dir / "vocab.txt")
     else:
         log.info("prepare: training a WordPiece vocab on the cleaned corpus")
-        tok_dir = train_vocab_from_corpus(cfg, out, files)
+        tok_dir = train_vocab_from_corpus(cfg, out, files, duplicates)
 
     import ray
 
-    ds = _documents(_file_dataset(files, cfg.block_kb), cfg).map_batches(
+    ds = _documents(_file_dataset(files, cfg.block_kb), cfg, duplicates).map_batches(
         LinkAndTokenize, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
         num_cpus=cfg.actor_num_cpus,
