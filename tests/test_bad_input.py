@@ -657,3 +657,49 @@ def test_a_failed_prepare_leaves_the_previous_output_whole_and_writes_no_manifes
     assert read_manifest(tmp_path / "out", "prepare") == before
     assert sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.parquet")) == shards
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".staging-")]
+
+
+# --- credentials of a tracking URI are never written or printed ------------------------------------------------
+
+SECRET_URI = "https://alice:s3cr3t-t0ken@mlflow.example.org:5000/path?access_token=qwerty&x=1"
+
+
+def test_redact_uri():
+    from keplm.platform.tracking import redact, redact_uri
+
+    assert redact_uri(SECRET_URI) == "https://***@mlflow.example.org:5000/path?access_token=***&x=1"
+    assert redact_uri("sqlite:////tmp/a@b/mlflow.db") == "sqlite:////tmp/a@b/mlflow.db"
+    assert redact_uri("cannot reach http://u@h:1 now") == "cannot reach http://***@h:1 now"
+    assert redact({"a": [SECRET_URI], "n": 3}) == {"a": [redact_uri(SECRET_URI)], "n": 3}
+
+
+def test_no_credentials_in_manifests_params_markers_stdout_or_errors(tmp_path, capsys):
+    from keplm import config
+    from keplm.models.pipeline import config_params, keyed_run
+    from keplm.platform import console
+    from keplm.platform.errors import KeplmError
+    from keplm.platform.manifest import write_manifest
+    from keplm.platform.tracking import check_tracking, mlflow_ui_command
+
+    cfg = config.load(DEMO_CONFIG, [f"tracking.uri={SECRET_URI}"])
+    write_manifest(tmp_path, "pretrain", 1, config.dump(cfg), {}, {"tracking_uri": SECRET_URI}, cmd=SECRET_URI)
+    keyed_run(None, cfg, tmp_path / "mlflow_run.json", "k", {}, SECRET_URI, job="pretrain", anew=str,
+              start=lambda: "run-1")
+    console.result('{"tracking_uri": "%s"}' % SECRET_URI)
+    written = (tmp_path / "manifest.json").read_text() + (tmp_path / "mlflow_run.json").read_text()
+    printed = capsys.readouterr().out + mlflow_ui_command(SECRET_URI) + "".join(config_params(cfg).values())
+    with pytest.raises(KeplmError) as err:
+        check_tracking("http://alice:s3cr3t-t0ken@127.0.0.1:1")
+    for text in (written, printed, str(err.value)):
+        assert "s3cr3t" not in text and "qwerty" not in text and "***" in text
+
+
+def test_evaluate_uses_a_manifests_store_only_when_it_is_the_checkpoints_own(tmp_path):
+    from keplm.jobs.evaluate import _own_store
+
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    own = f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
+    assert _own_store(model, own) == own
+    assert _own_store(model, "https://***@mlflow.example.org") is None          # someone's server: not unasked
+    assert _own_store(model, f"sqlite:///{(tmp_path / 'other.db').resolve()}") is None

@@ -27,6 +27,18 @@ SUMMARY_METRICS = ("test_f1", "test_precision", "test_recall", "test_accuracy", 
                    "recall_at_5_type1", "recall_at_5_type2")
 
 
+def _own_store(model_dir: Path, found_uri: str | None) -> str | None:
+    """The pretraining run's store when it is the local SQLite file of the checkpoint's own pretrain output
+    (``DIR/mlflow.db`` beside ``DIR/model``): the only store a manifest may name that evaluate uses unasked. A
+    tracking server named by another run's manifest is used only when it is the configured one (tracking.uri,
+    $MLFLOW_TRACKING_URI)."""
+    if not found_uri or not found_uri.startswith("sqlite:///"):
+        return None
+    db = Path(found_uri.removeprefix("sqlite:///"))
+    db = db if db.is_absolute() else Path("/") / db
+    return found_uri if db.resolve() == (model_dir.resolve().parent / "mlflow.db").resolve() else None
+
+
 def pretrain_run_of(model_dir: Path) -> tuple[str | None, str | None]:
     """(pretraining MLflow run id, its tracking URI) when ``model_dir`` is a keplm pretrain output's model/."""
     manifest = model_dir.resolve().parent / "manifest.json"
@@ -96,7 +108,7 @@ def evaluate_checkpoint(cfg, model_dir: str | Path, out: str | Path, address: st
 
     from keplm.models.downstream.tasks import task_config
     from keplm.platform.ray_session import connect
-    from keplm.platform.tracking import check_tracking, tracking_uri
+    from keplm.platform.tracking import check_tracking, redact_uri, tracking_uri
 
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / "config.json").is_file():
@@ -106,8 +118,14 @@ def evaluate_checkpoint(cfg, model_dir: str | Path, out: str | Path, address: st
         raise KeplmError("no evaluation tasks: declare evaluate.tasks in the config (see configs/eval-real.yaml)")
     out.mkdir(parents=True, exist_ok=True)
     found_run, found_uri = pretrain_run_of(model_dir)
+    uri = tracking_uri(cfg.tracking) or _own_store(model_dir, found_uri) or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    if found_uri and found_uri != redact_uri(uri) and not parent_run:
+        # the pretraining run is in another store: results go where the user said (or beside them), not there
+        log.warning("evaluate: the checkpoint's pretraining run %s is in %s, not in %s: the results are not nested "
+                    "under it (set tracking.uri to that store, or pass --parent-run)", found_run, found_uri,
+                    redact_uri(uri))
+        found_run = None
     parent_run = parent_run or found_run
-    uri = tracking_uri(cfg.tracking) or found_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
     check_tracking(uri)
     connect(cfg.ray, address)
 

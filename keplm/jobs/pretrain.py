@@ -26,7 +26,7 @@ from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import sha256_json, write_manifest
 from keplm.platform.outputs import remove_owned
 from keplm.platform.ray_session import connect
-from keplm.platform.tracking import check_tracking, mlflow_ui_command
+from keplm.platform.tracking import check_tracking, mlflow_ui_command, redact_uri
 
 log = logging.getLogger(__name__)
 PRETRAIN_SCHEMA_VERSION = 1
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.copytree(Path(d) / "model", out / "model")
         shutil.copytree(stages["prepare"] / "tokenizer", out / "model", dirs_exist_ok=True)
         mark_model(out / "model", key)
-    summary = {**counts, "mlflow_run_id": run_id, "tracking_uri": uri,
+    summary = {**counts, "mlflow_run_id": run_id, "tracking_uri": redact_uri(uri),   # no credentials in files
                "model_dir": str(out / "model") if (out / "model").is_dir() else None}
     extra = {"stages": {k: str(Path(v).resolve()) for k, v in stages.items() if v is not None},
              "command": invocation(args), "cwd": str(Path.cwd())}

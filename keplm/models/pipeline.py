@@ -219,7 +219,9 @@ def key_change(previous: dict, key: str, key_parts: dict) -> str | None:
 
 def config_params(cfg) -> dict[str, str]:
     """The resolved config as MLflow params: dotted keys, values as strings (MLflow's 6000-character cap)."""
-    return {k: ("" if v is None else str(v))[:6000] for k, v in flatten(dump_config(cfg)).items()}
+    from keplm.platform.tracking import redact_uri
+
+    return {k: redact_uri("" if v is None else str(v))[:6000] for k, v in flatten(dump_config(cfg)).items()}
 
 
 def record_invocation(client, run_id: str, cfg) -> tuple[int, dict[str, str]]:
@@ -242,9 +244,15 @@ def keyed_run(client, cfg, marker: Path, key: str, key_parts: dict, uri: str, *,
     tracking_uri, key, key_parts). The same key in the same store: that run, resumed (``record_invocation``).
     Otherwise ``start()`` makes a new one, which the marker then names, and a warning says why: ``anew(changed
     keys)`` for another key; the old run and store for another store."""
+    from keplm.platform.tracking import redact_uri
+
     previous = json.loads(marker.read_text()) if marker.is_file() else {}
     same = previous.get("key") == key
-    if same and previous.get("tracking_uri", uri) == uri:
+    # the marker names the store redacted, and tells it by the hash of the full URI (credentials included)
+    uri_hash = hashlib.sha256(uri.encode()).hexdigest()
+    same_store = (previous["tracking_uri_sha256"] == uri_hash if "tracking_uri_sha256" in previous
+                  else previous.get("tracking_uri", uri) == uri)
+    if same and same_store:
         n, differ = record_invocation(client, previous["run_id"], cfg)
         if differ:
             log.warning("%s: MLflow run %s keeps its first invocation's params; invocation %d's other values (%s) are "
@@ -252,13 +260,14 @@ def keyed_run(client, cfg, marker: Path, key: str, key_parts: dict, uri: str, *,
         return previous["run_id"]
     if same:
         log.warning("%s: its MLflow run %s is in %s: logging to a new run in %s, which lacks what was logged before "
-                    "this resume", job, previous["run_id"], previous["tracking_uri"], uri)
+                    "this resume", job, previous["run_id"], redact_uri(previous["tracking_uri"]), redact_uri(uri))
     else:
         changed = key_change(previous, key, key_parts)
         if changed:
             log.warning("%s: %s", job, anew(changed))
     run_id = start()
-    marker.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "key": key, "key_parts": key_parts}))
+    marker.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact_uri(uri), "tracking_uri_sha256": uri_hash,
+                                  "key": key, "key_parts": key_parts}))
     return run_id
 
 

@@ -206,12 +206,18 @@ def stdout_to_log_file() -> Iterator[None]:
 
 def add_summary(label: str, value: str) -> None:
     """A row of the job's closing summary (model dir, MLflow run, the command to look at it)."""
+    from keplm.platform.tracking import redact_uri
+
     if _session is not None:
-        _session.summary.append((label, value))
+        _session.summary.append((label, redact_uri(value)))
 
 
 def result(line: str) -> None:
-    """The job's result (one JSON line): printed on stdout after the closing summary, so it is the last line."""
+    """The job's result (one JSON line): printed on stdout after the closing summary, so it is the last line. No
+    credentials of a URI in it (``keplm.platform.tracking.redact_uri``)."""
+    from keplm.platform.tracking import redact_uri
+
+    line = redact_uri(line)
     if _session is not None:
         _session.result_line = line
     else:

@@ -55,7 +55,9 @@ def write_manifest(out_dir: str | Path, job: str, schema_version: int, config: d
                    inputs: dict[str, str], counts: dict[str, Any], **extra: Any) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {
+    from keplm.platform.tracking import redact
+
+    doc = redact({   # no credentials of a tracking URI (or any URI) in a manifest
         "job": job,
         "schema_version": schema_version,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -63,7 +65,7 @@ def write_manifest(out_dir: str | Path, job: str, schema_version: int, config: d
         "inputs": inputs,
         "counts": counts,
         **extra,
-    }
+    })
     path = out / MANIFEST
     tmp = out / f".{MANIFEST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"   # unique: two writers never share it
     tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=False), encoding="utf-8")
