@@ -703,3 +703,32 @@ def test_evaluate_uses_a_manifests_store_only_when_it_is_the_checkpoints_own(tmp
     assert _own_store(model, own) == own
     assert _own_store(model, "https://***@mlflow.example.org") is None          # someone's server: not unasked
     assert _own_store(model, f"sqlite:///{(tmp_path / 'other.db').resolve()}") is None
+
+
+def test_a_local_dashboard_asks_for_the_token_and_listens_on_localhost(tmp_path):
+    """keplm's local Ray (sweeps start one with a dashboard): token auth on, the Jobs API refuses a request without
+    the token, the dashboard bound to 127.0.0.1. A fresh process: Ray reads the auth mode when it is imported."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, os, urllib.request, urllib.error
+from keplm.platform.ray_session import RayConfig, connect
+connect(RayConfig(num_cpus=1, include_dashboard=True, object_store_memory_mb=100))
+import ray
+url = ray.get_runtime_context().worker.node.address_info["webui_url"]
+try:
+    urllib.request.urlopen(f"http://{url}/api/jobs/", timeout=10)
+    status = 200
+except urllib.error.HTTPError as exc:
+    status = exc.code
+print(json.dumps({"mode": os.environ.get("RAY_AUTH_MODE"), "url": url, "status": status}))
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    import json
+
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["mode"] == "token" and got["url"].startswith("127.0.0.1:") and got["status"] == 401

@@ -23,6 +23,16 @@ def test_cluster_yaml_matches_ray_launcher_schema():
     assert "constraints-cpu" not in setup
 
 
+def test_every_node_starts_with_token_auth_and_a_head_local_dashboard():
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert starts and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts)
+    head = [c for c in cfg["head_start_ray_commands"] if "--head" in c]
+    assert head and "--dashboard-host=127.0.0.1" in head[0]
+    assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text()
+    assert any(k.endswith("/.ray/auth_token") for k in cfg["file_mounts"])   # one token on every node
+
+
 def test_a_wrong_field_is_caught():
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     cfg["max_workerz"] = 3

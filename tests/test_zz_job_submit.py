@@ -24,16 +24,24 @@ def test_ray_job_submit_pretrain_logs_to_mlflow_server(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    import secrets
+    import urllib.error
+    import urllib.request
+
+    # token auth, as docs/cluster.md says: the Jobs API refuses a request without the cluster's token
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     gcs, dash, mlf = free_port(), free_port(), free_port()
     mlflow = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                                "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
                                "--port", str(mlf), "--workers", "1"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
-                    "--include-dashboard=true", "--disable-usage-stats"], env=env, check=True, capture_output=True)
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env=env,
+                   check=True, capture_output=True)
     try:
         wait_http(f"http://127.0.0.1:{mlf}/health")
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/jobs/", timeout=10)
         out = tmp_path / "run"
         r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                             "--working-dir", str(ROOT), "--", "python", "-m", "keplm.jobs.pretrain",

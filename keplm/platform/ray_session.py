@@ -2,6 +2,11 @@
 
 `--address` or RAY_ADDRESS (set by `ray job submit`) -> join that cluster; otherwise start a local
 Ray sized for a small machine (bounded object store, no dashboard unless asked).
+
+A local Ray starts with token auth (``RAY_AUTH_MODE=token`` unless the environment sets another mode: Ray
+generates the token, in ``~/.ray/auth_token``) and its dashboard, when there is one, listens on
+``ray.dashboard_host`` (127.0.0.1): the Jobs API runs whatever it is sent, so it is never open to the network
+unasked.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class RayConfig(Section):
     include_dashboard: bool = Field(False, description="start the local Ray with its dashboard (and State API); "
                                                        "sweeps start it regardless")
     show_progress: bool = Field(False, description="show Ray Data's progress bars")
+    dashboard_host: str = Field("127.0.0.1", description="address the local Ray's dashboard listens on (with token "
+                                                         "auth); 0.0.0.0 opens it to the network")
 
 
 QUIET_HOOK = f"{__name__}.quiet_placement_group_cleaner"
@@ -52,14 +59,20 @@ def quiet_placement_group_cleaner() -> None:
 def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
     """Join or start Ray. Worker lines still come to the driver (``log_to_driver``), where the job's console sends
     them to its log file, bar keplm's own (``console.capture_worker_lines``)."""
+    import sys
+
+    cfg = cfg or RayConfig()
+    target = address or os.environ.get("RAY_ADDRESS") or cfg.address
+    if not target and "ray" not in sys.modules:
+        # a local Ray with token auth: Ray reads the mode when it is imported, so before the import; an explicit
+        # RAY_AUTH_MODE in the environment wins
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     from keplm.platform.console import capture_worker_lines
 
-    cfg = cfg or RayConfig()
     if ray.is_initialized():
         return
-    target = address or os.environ.get("RAY_ADDRESS") or cfg.address
     if target:
         log.info("connecting to Ray at %s", target)
         ray.init(address=target, log_to_driver=True)
@@ -68,6 +81,7 @@ def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
             num_cpus=cfg.num_cpus,
             object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
             include_dashboard=cfg.include_dashboard,
+            dashboard_host=cfg.dashboard_host,
             log_to_driver=True,
             # without a dashboard Ray's state API is absent, and Ray Train's PlacementGroupCleaner, which asks
             # it every second whether the train controller still lives, logs a warning each time it cannot
