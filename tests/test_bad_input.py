@@ -732,3 +732,14 @@ ray.shutdown()
 
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["mode"] == "token" and got["url"].startswith("127.0.0.1:") and got["status"] == 401
+
+
+def test_the_command_line_gives_the_same_one_line(tmp_path):
+    """The installed entry point, as a user runs it: a KG directory that does not exist."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "keplm.jobs.cli", "kg", "build", "--kg", str(tmp_path / "nokg"),
+                        "--output", str(tmp_path / "g")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    one_error_line(r.stderr, "kg build")
