@@ -471,7 +471,7 @@ FACTS = {
                  "seq_len": 512, "samples": None, "tokens_seen": 131_072_000, "tokens_seen_how": "upper bound",
                  "lr": 5e-5, "final_losses": {"loss": 3.2, "mlm_loss": 2.1, "mnem_loss": 0.3}},
     "mlflow": {"run_id": "0123abcd", "tracking_uri": "sqlite:///runs/x/mlflow.db"},
-    "command": "keplm pretrain --config configs/smedbert-base.yaml --output runs/x", "cwd": "/work/main",
+    "command": "keplm pretrain --config configs/smedbert-base.yaml --output runs/x", "cwd": "/home/user/keplm",
     "evaluations": [],
 }
 
@@ -485,7 +485,7 @@ def test_the_card_header_is_hugging_face_yaml_and_the_body_says_what_the_checkpo
                    "112,000,000", "`../shared/data/corpus`", "aaaaaaaaaaaaaaaa", "| verified |", "documents_kept 18,491",
                    "entities 24,874", "| steps | 1,000 |", "≤ 131,072,000 (upper bound", "| final mlm_loss | 2.1 |",
                    "`0123abcd`", "Not evaluated", "keplm pretrain --config configs/smedbert-base.yaml --output runs/x",
-                   "cd /work/main", "hybrid knowledge attention after encoder layer 10", "SMedBERT KG tensors"):
+                   "cd /home/user/keplm", "hybrid knowledge attention after encoder layer 10", "SMedBERT KG tensors"):
         assert needle in text, needle
     full = render_card({**FACTS, "export": None})
     header = card_header(full)
