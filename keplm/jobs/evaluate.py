@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise KeplmError(f"unknown task(s) {unknown}; the config declares {sorted(cfg.evaluate.tasks)}")
         cfg.evaluate.tasks = {t: cfg.evaluate.tasks[t] for t in wanted}
+    from keplm.platform import console
     from keplm.platform.outputs import guard_output
 
     guard_output("evaluate", args.output, [args.checkpoint])
