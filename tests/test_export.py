@@ -583,6 +583,17 @@ def test_keplm_export_job_writes_the_export_and_its_card(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "keplm.jobs.export", "--checkpoint", str(tmp_path / "none"), "--output",
                           str(tmp_path / "y")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "keplm export: error:" in bad.stderr and "no config.json" in bad.stderr
+    # the export replaces its own earlier export, but never a directory keplm did not write, nor its checkpoint
+    from keplm.jobs.export import main as export_main
+
+    assert export_main(["--checkpoint", str(out / "model"), "--output", str(tmp_path / "exported")]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me", encoding="utf-8")
+    assert export_main(["--checkpoint", str(out / "model"), "--output", str(mine)]) == 2
+    assert (mine / "notes.txt").read_text(encoding="utf-8") == "keep me" and not (mine / "config.json").exists()
+    assert export_main(["--checkpoint", str(out / "model"), "--output", str(out / "model")]) == 2
+    assert (out / "model" / "config.json").is_file()
 
 
 def test_write_card_without_a_pretrain_manifest_says_not_recorded(tmp_path):

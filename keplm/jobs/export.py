@@ -27,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = keplm_config.load(args.config, overrides)
     fmt = args.fmt or cfg.export.format
     src, out = Path(args.checkpoint), Path(args.export_dir)
+    from keplm.platform.outputs import guard_output
+
+    # refuses an OUT that is a file, holds the checkpoint, lies inside it, or holds files keplm did not write
+    guard_output("export", out, [src, args.tokenizer], lock=False)
     info = export_bert(src, out, fmt, args.tokenizer)
     command = ["keplm", "export", "--checkpoint", args.checkpoint, "--output", args.export_dir, "--as", fmt]
     if args.tokenizer:

@@ -34,6 +34,7 @@ from pydantic import Field
 
 from keplm.platform.config import Section
 from keplm.platform.errors import KeplmError
+from keplm.platform.outputs import mark, remove_owned
 
 FORMATS = {"bert-mlm": "BertForMaskedLM", "bert-encoder": "BertModel"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -178,12 +179,15 @@ def export_bert(checkpoint: str | Path, output: str | Path, fmt: str = "bert-mlm
     if fmt == "bert-mlm" and model.cls.predictions.decoder.weight.data_ptr() != \
             model.bert.embeddings.word_embeddings.weight.data_ptr():
         raise KeplmError("BertForMaskedLM did not tie its decoder to the word embeddings")
+    # written beside OUT, then swapped in: a failed export leaves the previous one whole; only an export keplm
+    # made (its marker) or an entry of a keplm output directory is ever replaced, never a user's directory
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_owned(tmp)
+    mark(tmp, "export")
     model.save_pretrained(str(tmp))
     for name in tokenizer:
         shutil.copy2(tok_src / name, tmp / name)
-    shutil.rmtree(out, ignore_errors=True)
+    remove_owned(out)
     tmp.rename(out)
     kept, dropped = split_parameters(tensor_shapes(src), fmt)
     return {"format": fmt, "architecture": FORMATS[fmt], "source": str(src), "output": str(out),
