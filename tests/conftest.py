@@ -9,7 +9,20 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEMO = Path(__file__).resolve().parents[1] / "keplm" / "data" / "demo"
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "keplm" / "data" / "demo"
+
+# Ray Train's controller polls its workers every 2 s and starts a preemption-watcher actor (one more process)
+# for each run; on a 2-core host those waits and that process are a fifth of a 12-step demo run. Every job
+# the tests start (their subprocesses inherit this environment) polls at 0.25 s and runs without the watcher,
+# which no test exercises. Users keep Ray's defaults.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+# The demo pretraining the pretrain and console tests share: 2 workers x batch 4, 12 steps, a checkpoint and a
+# progress line every 4.
+DEMO_TINY = ["train.max_steps=12", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
+             "train.lr=0.002", "train.warmup_ratio=0.0"]
 
 
 def need_shared(*parts: str) -> Path:
@@ -43,6 +56,30 @@ def demo_prepared(ray_local, tmp_path_factory):
     cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     run_prepare(cfg.prepare, out, {"prepare": config.dump(cfg)["prepare"]})
     return out
+
+
+def run_pretrain(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``keplm pretrain --config configs/demo.yaml --output OUT`` with :data:`DEMO_TINY` and ``args`` (flags and
+    overrides), as a user runs it: a subprocess, stdout and stderr into one pipe. Both ``.stdout`` and ``.stderr``
+    hold the interleaved lines; the JSON result is the last line of a run that succeeded."""
+    flags = [a for a in args if a.startswith("-")]
+    rest = [a for a in args if not a.startswith("-")]
+    r = subprocess.run([sys.executable, "-m", "keplm.jobs.pretrain", "--config", "configs/demo.yaml", "--output",
+                        str(out), *flags, *DEMO_TINY, *rest], cwd=REPO, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=900)
+    r.stderr = r.stdout
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:]
+    return r
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One demo pretraining (every stage, then training) for the whole session: the tests that inspect its
+    console, outputs, MLflow run and checkpoints read it, and the resume tests reuse its stages. Only
+    ``test_pretrain``'s rerun test runs the same command on it again."""
+    out = tmp_path_factory.mktemp("demo_run") / "demo"
+    return out, run_pretrain(out)
 
 
 def free_port() -> int:

@@ -705,6 +705,7 @@ def test_evaluate_uses_a_manifests_store_only_when_it_is_the_checkpoints_own(tmp
     assert _own_store(model, f"sqlite:///{(tmp_path / 'other.db').resolve()}") is None
 
 
+@pytest.mark.slow
 def test_a_local_dashboard_asks_for_the_token_and_listens_on_localhost(tmp_path):
     """keplm's local Ray (sweeps start one with a dashboard): token auth on, the Jobs API refuses a request without
     the token, the dashboard bound to 127.0.0.1. A fresh process: Ray reads the auth mode when it is imported."""

@@ -5,31 +5,20 @@ events."""
 import json
 import logging
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["train.max_steps=6", "train.checkpoint_every=3", "train.log_every=2", "train.batch_size=4", "embed.epochs=2"]
 STAGES = ("prepare", "graph", "neighbours", "embed-transr", "train")
 
 
-def keplm_pretrain(out: Path, *flags: str) -> tuple[int, list[str]]:
-    """The demo job as a user runs it, stdout and stderr into one pipe: (exit code, the lines)."""
-    r = subprocess.run([sys.executable, "-m", "keplm.jobs.pretrain", "--config", "configs/demo.yaml", "--output",
-                        str(out), *flags, *SMALL], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=900)
-    return r.returncode, r.stdout.splitlines()
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("console") / "demo"
-    rc, lines = keplm_pretrain(out)
-    assert rc == 0, "\n".join(lines[-40:])
+def demo(demo_run):
+    """The session's demo pretraining (conftest: 12 steps, a progress line every 4) -> (output, console lines)."""
+    out, r = demo_run
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0, "\n".join(lines[-40:])
     return out, lines
 
 
@@ -46,9 +35,9 @@ def test_the_demo_console_is_keplm_s_own_lines(demo):
         assert len(starts) == 1, stage
         assert sum(f"stage {stage} done in " in line for line in lines) == 1, stage
     ends = {s: next(line for line in lines if f"stage {s} done in " in line) for s in STAGES}
-    assert "documents" in ends["prepare"] and "entities" in ends["graph"] and "6 steps, loss " in ends["train"]
+    assert "documents" in ends["prepare"] and "entities" in ends["graph"] and "12 steps, loss " in ends["train"]
     progress = [line for line in lines if "train: step " in line]
-    assert [re.search(r"step (\d+)/6", line).group(1) for line in progress] == ["2", "4", "6"]
+    assert [re.search(r"step (\d+)/12", line).group(1) for line in progress] == ["4", "8", "12"]
     assert all(", loss " in line and " tokens/s, ETA " in line for line in progress)
     assert lines.index(progress[-1]) < lines.index(ends["train"])     # the last progress line came before the end
     # the closing summary: paths that exist, the MLflow run, the command to look at it; the JSON result last
@@ -66,17 +55,6 @@ def test_the_demo_console_is_keplm_s_own_lines(demo):
     # warnings fixed at their source: read-only arrays into torch, PyKEEN's CPU batch size, Ray's exclude_resources
     for fixed in ("NumPy array is not writable", "Using automatic batch size", "exclude_resources"):
         assert fixed not in log, fixed
-
-
-@pytest.mark.slow
-def test_verbose_shows_the_library_and_worker_lines_again(demo):
-    out, _ = demo
-    rc, lines = keplm_pretrain(out, "-v")   # every stage reused, the finished training restored
-    text = "\n".join(lines)
-    assert rc == 0, text[-3000:]
-    assert "reusing stage prepare" in text and "Started a local Ray instance" in text
-    assert "(RayTrainWorker pid=" in text and "\x1b[" not in text
-    assert json.loads(lines[-1])["counts"]["step"] == 6
 
 
 def test_trial_event_lines():

@@ -58,6 +58,7 @@ def test_every_job_has_a_docs_page():
         assert (ROOT / "docs" / "jobs" / f"{job}.md").is_file(), f"docs/jobs/{job}.md is missing"
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
     if mkdocs is None:

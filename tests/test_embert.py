@@ -303,7 +303,8 @@ def test_unknown_objective_is_refused():
         EntityObjectives(KeplmBertConfig(**TINY, entity_objectives=["nsp"]))
 
 
-def pretrain_demo(tmp_path, *overrides):
+def pretrain_demo(tmp_path, demo_run, *overrides):
+    """8 steps on 1 worker from the session demo run's prepared shards (the other stages are the model's own)."""
     import json
     import subprocess
     import sys
@@ -311,7 +312,7 @@ def pretrain_demo(tmp_path, *overrides):
     from mlflow.tracking import MlflowClient
 
     r = subprocess.run([sys.executable, "-m", "keplm.jobs.pretrain", "--config", "configs/demo.yaml", "--output",
-                        str(tmp_path), *overrides, "train.max_steps=8", "train.num_workers=1",
+                        str(tmp_path), f"--prepared={demo_run[0] / 'prepare'}", *overrides, "train.max_steps=8", "train.num_workers=1",
                         "train.batch_size=8", "train.lr=0.003", "train.warmup_ratio=0.0", "train.checkpoint_every=8"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -321,8 +322,8 @@ def pretrain_demo(tmp_path, *overrides):
 
 
 @pytest.mark.slow
-def test_embert_pretrains_on_the_demo_and_logs_each_objective(tmp_path):
-    client, run = pretrain_demo(tmp_path, "model.kind=embert")
+def test_embert_pretrains_on_the_demo_and_logs_each_objective(tmp_path, demo_run):
+    client, run = pretrain_demo(tmp_path, demo_run, "model.kind=embert")
     assert (tmp_path / "graph" / "aliases.parquet").is_file()              # the stage its thesaurus needs
     assert not (tmp_path / "neighbours").exists()
     assert {"mlm_loss", "cecp_loss", "est_loss", "bem_loss"} <= set(run.data.metrics)
@@ -334,8 +335,8 @@ def test_embert_pretrains_on_the_demo_and_logs_each_objective(tmp_path):
 
 
 @pytest.mark.slow
-def test_smedbert_with_embert_heads_and_whole_entity_masking_pretrains(tmp_path):
-    _, run = pretrain_demo(tmp_path, "model.kind=smedbert", "model.objectives=[cecp,est,bem]",
+def test_smedbert_with_embert_heads_and_whole_entity_masking_pretrains(tmp_path, demo_run):
+    _, run = pretrain_demo(tmp_path, demo_run, "model.kind=smedbert", "model.objectives=[cecp,est,bem]",
                            "batches.whole_entity_masking=true")
     assert {"mlm_loss", "mnem_loss", "mmem_loss", "cecp_loss", "est_loss", "bem_loss"} <= set(run.data.metrics)
     assert run.data.params["model.objectives"] == "['cecp', 'est', 'bem']"

@@ -566,6 +566,7 @@ def test_an_evaluation_beside_the_checkpoint_goes_into_the_card(tmp_path):
         checkpoint_facts(out / "model", pretrain=manifest, evaluations=[out / "eval-other"])
 
 
+@pytest.mark.slow
 def test_keplm_export_job_writes_the_export_and_its_card(tmp_path):
     out, manifest = fake_pretrain(tmp_path)
     # as a run with a relative --output leaves it: model_dir relative to the directory the job ran in

@@ -229,6 +229,7 @@ def test_real_kg_neighbours(ray_local, tmp_path):
     assert counts["rows"] == int(np.minimum(g.degree[seeds], 30).sum())
 
 
+@pytest.mark.slow
 def test_demo_chain_on_the_command_line(ray_local, tmp_path, demo_prepared):
     """kg build (KG from the config) -> kg neighbours joining the running Ray with --address."""
     import json
