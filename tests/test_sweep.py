@@ -301,12 +301,13 @@ def test_rerunning_a_finished_sweep_restores_it_and_compare_plots_it(demo_sweep,
         data = (tmp_path / "cmp" / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 2000, name
     # another sweep on the same output: a new Tune experiment and parent run, not a restore of the first
-    other = keplm("sweep", "--config", cfg, "--output", out, "sweep.num_samples=1")
+    # (2 trials: the first is the forced failing point, so the second must finish for the sweep to succeed)
+    other = keplm("sweep", "--config", cfg, "--output", out, "sweep.num_samples=2")
     assert "resuming the Tune experiment" not in other.stderr
     anew = next(line for line in other.stderr.splitlines() if "sweeping anew" in line)
     assert "sweep.num_samples" in anew
     res = last_json(other)
-    assert res["parent_run"] != last_json(r)["parent_run"] and res["trials"] == 1
+    assert res["parent_run"] != last_json(r)["parent_run"] and res["trials"] == 2
     client = MlflowClient(uri)
     assert client.get_run(last_json(r)["parent_run"]).info.status == "FINISHED"    # the first sweep's record stays
     assert len(list((out / "tune").iterdir())) == 2
