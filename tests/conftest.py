@@ -58,6 +58,22 @@ def demo_prepared(ray_local, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_stages(demo_prepared, tmp_path_factory):
+    """The KG stages on the demo, once: ``g`` (kg build), ``nb`` (PEPR neighbours), ``transr`` (1 epoch, dim 16)."""
+    from keplm import config
+    from keplm.kg.embed import run_embed
+    from keplm.kg.graph import GraphConfig, build_graph
+    from keplm.kg.pepr import PEPRConfig, run_neighbours
+
+    root = tmp_path_factory.mktemp("demo_stages")
+    build_graph(DEMO / "kg", root / "g", GraphConfig(), {}, corpus_dir=demo_prepared)
+    run_neighbours(root / "g", root / "nb", PEPRConfig(num_actors=1, actor_num_cpus=0.5), {})
+    c = config.load(None, ["embed.dim=16", "embed.relation_dim=8", "embed.epochs=1", "embed.batch_size=512"])
+    run_embed(root / "g", root / "transr", c.embed, {})
+    return root
+
+
 def run_pretrain(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``keplm pretrain --config configs/demo.yaml --output OUT`` with :data:`DEMO_TINY` and ``args`` (flags and
     overrides), as a user runs it: a subprocess, stdout and stderr into one pipe. Both ``.stdout`` and ``.stderr``

@@ -154,20 +154,11 @@ def test_corruption_rate_is_configurable(rate):
 
 
 @pytest.mark.parametrize("kind", ["smedbert", "mlm", "wem", "ernie"])
-def test_setup_from_config_and_stage_outputs(kind, demo_prepared, tmp_path_factory, ray_local):
+def test_setup_from_config_and_stage_outputs(kind, demo_prepared, demo_stages):
     from keplm import config
-    from keplm.kg.embed import run_embed
-    from keplm.kg.graph import GraphConfig, build_graph
-    from keplm.kg.pepr import PEPRConfig, run_neighbours
     from keplm.models.setup import build_pretraining_setup
-    from conftest import DEMO
 
-    root = tmp_path_factory.getbasetemp() / "setup_stages"
-    if not (root / "transr" / "manifest.json").is_file():
-        build_graph(DEMO / "kg", root / "g", GraphConfig(), {}, corpus_dir=demo_prepared)
-        run_neighbours(root / "g", root / "nb", PEPRConfig(num_actors=1, actor_num_cpus=0.5), {})
-        c = config.load(None, ["embed.dim=16", "embed.relation_dim=8", "embed.epochs=1", "embed.batch_size=512"])
-        run_embed(root / "g", root / "transr", c.embed, {})
+    root = demo_stages
     tiny = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
             "model.intermediate_size=64", "model.max_position_embeddings=128", "batches.k=5", "batches.num_negatives=3"]
     cfg = config.load(None, [f"model.kind={kind}", *tiny])

@@ -240,6 +240,9 @@ def test_two_worker_run_trains_logs_and_checkpoints(chain):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, f"grad_norm/{term}")]
         assert steps == [1, 4, 8, 12], term
     assert all(0 < m.value <= 1 for m in client.get_metric_history(run.info.run_id, "mfu"))
+    # length-grouped batches (train.length_group_batches): random batches of 4 would pad ~26 % of the demo
+    padding = [m.value for m in client.get_metric_history(run.info.run_id, "padding_fraction")]
+    assert len(padding) == 12 and sum(padding) / 12 < 0.05
     log = (out / "logs" / "keplm.log").read_text(encoding="utf-8")   # Ray's and the workers' lines, off the console
     assert "Reporting training result" in log
     assert "mfu': 1." not in log and "mfu': 2." not in log   # no rank's report claims over 100 %

@@ -12,7 +12,8 @@ file) that Ray Train splits across the workers (``streaming_split`` with equal r
 run gives each worker the same rows in the same order (what makes kill-and-resume exact). Each worker then
 shuffles its rows in a local buffer (``shuffle_buffer_rows``) seeded by ``seed``, the epoch and its rank, so
 an epoch's batch order is new each epoch and the same on every run; a resumed epoch reads past the batches
-consumed before the checkpoint.
+consumed before the checkpoint. Every ``length_group_batches`` consecutive batches are then regrouped by
+row length (``length_grouped``): the same rows in as many batches, each padded little, in a seeded order.
 ``reader: pyarrow`` has each worker stream its own contiguous share of the rows without Ray Data, the files
 reshuffled per epoch (``seed + epoch``). Either way every worker runs the same number of
 steps per epoch, the smallest share's, so DDP never waits on a worker that ran out (the rows left over —
@@ -104,6 +105,11 @@ class TrainConfig(Section):
     shuffle_buffer_rows: int = Field(
         4096, ge=0, description="ray_data reader: each worker shuffles its rows in a buffer of this many, seeded "
         "by train.seed, the epoch and its rank (the shards keep a document's segments together; 0: off)")
+    length_group_batches: int = Field(
+        64, ge=1, description="batch rows of similar length together: each run of this many consecutive batches "
+        "(after the shuffle) is sorted by row length, cut into batches again and served in a seeded random order, "
+        "so a batch pads to a length close to each of its rows' (29 % of the computed tokens were padding on the "
+        "real corpus with random batches of 64); 1: off")
 
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -350,6 +356,41 @@ def shard_batches(shard, batch_size: int, shuffle_rows: int, seed: int):
     return shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True, **shuffle)
 
 
+def length_grouped(batches, group: int, seed):
+    """``batches`` (pyarrow tables of equal row counts) regrouped by length: every ``group`` consecutive
+    batches are pooled, their rows sorted by ``input_ids`` length (stable, so equal lengths keep the shuffled
+    order), cut into batches of the same size again and yielded in an order drawn from ``seed`` (the batch
+    lengths do not follow an ascending sweep). The same batches in, the same number out, each row once: an
+    epoch's rows and step count do not change, only which rows share a batch. Deterministic for a given
+    input and seed, so a resumed epoch that skips its first batches skips the same ones. ``group`` 1: as is.
+    HF Trainer's ``group_by_length`` does the same within megabatches."""
+    if group <= 1:
+        yield from batches
+        return
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(seed)
+    pool: list = []
+
+    def regrouped():
+        size = pool[0].num_rows
+        rows = pa.concat_tables(pool)
+        lengths = pc.list_value_length(rows.column("input_ids")).to_numpy(zero_copy_only=False)
+        rows = rows.take(np.argsort(lengths, kind="stable"))
+        for b in rng.permutation(len(pool)):
+            yield rows.slice(b * size, size)
+
+    for table in batches:
+        pool.append(table)
+        if len(pool) == group:
+            yield from regrouped()
+            pool = []
+    if pool:
+        yield from regrouped()
+
+
 def bounded_batches(batches, start: int, stop: int):
     """(index, batch) for batches [start, stop) of ``batches``, then the rest read to the end, so that a
     Ray Data split finishes its epoch (its coordinator starts the next one only when every split has)."""
@@ -552,7 +593,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     last: dict[str, float] = {"step": step, "rows_skipped_for_balance": skipped}
     start_step, pause_at = step, set(cfg.pause_at_steps)
-    t_window, tokens_window, samples_window = time.perf_counter(), 0, 0
+    t_window, tokens_window, slots_window, samples_window = time.perf_counter(), 0, 0, 0
     t_start = time.perf_counter()
     done = step >= total
     while not done:
@@ -562,15 +603,18 @@ def train_loop_per_worker(config: dict) -> None:
         if collate_state is not None:  # where the consumed batches left it, whatever the last epoch's thread drew
             collate.rng.bit_generator.state = collate_state
         set_collate_stats(collate, consumed_stats)
+        epoch_seed = shuffle_seed(cfg.seed, epoch, rank)
         if shard is not None:
-            batches = shard_batches(shard, cfg.batch_size, cfg.shuffle_buffer_rows, shuffle_seed(cfg.seed, epoch, rank))
+            batches = shard_batches(shard, cfg.batch_size, cfg.shuffle_buffer_rows, epoch_seed)
         else:
             batches = iter_row_batches(epoch_files(files, epoch, cfg.seed), cfg.batch_size, *shares[rank])
+        batches = length_grouped(batches, cfg.length_group_batches, [epoch_seed, 1])
         # resuming: the batches before `position` were consumed before the checkpoint
         pending = bounded_batches(batches, position, steps_per_epoch)
         feed = Prefetcher(pending, collate, cfg.prefetch_batches, pin=device.type == "cuda")
         for i, cpu_tensors, rng_state, batch_stats in feed:
             tokens_window += int(cpu_tensors["attention_mask"].sum())   # on the host: no device sync
+            slots_window += cpu_tensors["attention_mask"].numel()         # real tokens + padding: what is computed
             samples_window += cpu_tensors["input_ids"].shape[0]
             tensors = {k: v.to(device, non_blocking=True) for k, v in cpu_tensors.items()}
             sync = (micro + 1) % cfg.grad_accum == 0
@@ -605,7 +649,8 @@ def train_loop_per_worker(config: dict) -> None:
             tok_s = tokens_window * world / max(elapsed, 1e-9)
             last.update(rows_skipped_for_balance=skipped, step=step, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=tok_s,
                         samples_per_s=samples_window * world / max(elapsed, 1e-9),
-                        mfu=tok_s / world * n_flops / peak, epoch=epoch)
+                        mfu=tok_s / world * n_flops / peak, epoch=epoch,
+                        padding_fraction=1 - tokens_window / max(slots_window, 1))
             if diagnostics:
                 last.update({f"grad_norm/{k}": v for k, v in diagnostics.items()}, peak_tflops=peak / 1e12)
                 warning = imbalance_warning(diagnostics, cfg.diagnostics_max_ratio)
@@ -618,7 +663,7 @@ def train_loop_per_worker(config: dict) -> None:
                 import resource
 
                 last["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            t_window, tokens_window, samples_window = time.perf_counter(), 0, 0
+            t_window, tokens_window, slots_window, samples_window = time.perf_counter(), 0, 0, 0
             if tracker is not None:
                 from mlflow.entities import Metric
 
