@@ -7,12 +7,18 @@ A local Ray starts with token auth (``RAY_AUTH_MODE=token`` unless the environme
 generates the token, in ``~/.ray/auth_token``) and its dashboard, when there is one, listens on
 ``ray.dashboard_host`` (127.0.0.1): the Jobs API runs whatever it is sent, so it is never open to the network
 unasked.
+
+Every Ray worker of a session keplm starts or joins runs a setup hook (``worker_process_setup_hook``) that marks
+keplm's log lines for the driver's console and quiets Ray Train's placement-group cleaner while the State API
+does not answer (``QuietWhileStateApiUnreachable``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 
 from pydantic import Field
 
@@ -39,21 +45,96 @@ QUIET_HOOK = f"{__name__}.quiet_placement_group_cleaner"
 
 WORKER_HOOK = f"{__name__}.worker_setup"
 
+# Ray Train's cleaner of a crashed controller's placement group: a detached actor on the head, one per Train run,
+# that asks the State API every second whether the run's controller still lives and warns each time it gets no answer
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+CLEANER_QUERY_FAILED = "Failed to query Ray Train Controller actor state"
+
+
+def state_api_reachable(timeout_s: int = 5) -> bool:
+    """Whether this process's Ray State API (served by the head's dashboard) answers. An answer that is an error
+    (a refused token, a server error) counts as reachable; no dashboard, a dashboard that is down or listens where
+    this process cannot connect, or no API server address at all does not."""
+    try:
+        from ray.util.state import list_nodes
+        from ray.util.state.exception import RayStateApiException, ServerUnavailable
+    except ImportError:   # Ray without its dashboard dependencies (ray[default]) has no State API
+        return False
+    try:
+        list_nodes(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+    except ServerUnavailable:
+        return False
+    except RayStateApiException:
+        return True
+    except Exception:  # noqa: BLE001 - no API server address (e.g. the GCS does not answer either)
+        return False
+    return True
+
+
+class QuietWhileStateApiUnreachable(logging.Filter):
+    """On the cleaner's logger: drops its once-a-second "Failed to query Ray Train Controller actor state" while the
+    State API does not answer, whatever the Ray — keplm's local one without a dashboard, a cluster started with
+    ``--include-dashboard=false``, a dashboard that is down — and lets it through while the API answers with an error
+    (a refused token, a server error), which someone should see. The filter asks the State API itself, from the
+    cleaner's own process (on the head), when a failure comes; while the answer is "unreachable" it asks again at most
+    every ``recheck_s``. ``reachable``: the probe; ``lambda: False`` where the API is known to be absent. The cleaner's
+    other lines (a dead controller's placement group removed) always pass."""
+
+    def __init__(self, reachable=state_api_reachable, recheck_s: float = 60.0):
+        super().__init__()
+        self.reachable, self.recheck_s = reachable, recheck_s
+        self._unreachable_since_check: float | None = None   # monotonic time of the last "unreachable" answer
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(CLEANER_QUERY_FAILED):
+            return True
+        now = time.monotonic()
+        if self._unreachable_since_check is not None and now - self._unreachable_since_check < self.recheck_s:
+            return False
+        if self.reachable():
+            self._unreachable_since_check = None
+            return True
+        self._unreachable_since_check = now
+        return False
+
+
+def _quiet_cleaner(reachable) -> None:
+    lg = logging.getLogger(CLEANER_LOGGER)
+    if not any(isinstance(f, QuietWhileStateApiUnreachable) for f in lg.filters):
+        lg.addFilter(QuietWhileStateApiUnreachable(reachable))
+
 
 def worker_setup() -> None:
-    """Each Ray worker of a local session runs this at start-up (``worker_process_setup_hook``): keplm's log lines
-    marked for the driver's console (``console.worker_logging``)."""
+    """Each Ray worker of a session with a State API, or of a cluster keplm joins, runs this at start-up
+    (``worker_process_setup_hook``): keplm's log lines marked for the driver's console (``console.worker_logging``),
+    and the placement-group cleaner quiet while the State API does not answer (a cluster without a dashboard, or
+    one whose dashboard is down)."""
     from keplm.platform.console import worker_logging
 
     worker_logging()
+    _quiet_cleaner(state_api_reachable)
 
 
 def quiet_placement_group_cleaner() -> None:
     """Each Ray worker of a local session without a dashboard runs this at start-up (``worker_process_setup_hook``):
-    Ray Train's cleaner of a crashed controller's placement group polls the State API, which such a session does not
-    serve, and would warn every second (a controller that ends normally removes its placement group itself)."""
-    worker_setup()
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    as ``worker_setup``, with the State API known to be absent (no probe: whatever answers at the default dashboard
+    address on this host is another Ray's)."""
+    from keplm.platform.console import worker_logging
+
+    worker_logging()
+    _quiet_cleaner(lambda: False)
+
+
+def _job_setup_hook() -> str | None:
+    """The setup hook of the Ray job this driver runs in (``ray job submit --runtime-env``), if it has one: Ray refuses
+    to merge a second one into it."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    try:
+        job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    except ValueError:
+        return None
+    return ((job or {}).get("runtime_env") or {}).get("worker_process_setup_hook")
 
 
 def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
@@ -75,7 +156,14 @@ def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
         return
     if target:
         log.info("connecting to Ray at %s", target)
-        ray.init(address=target, log_to_driver=True)
+        # the cluster's State API may be unreachable (no dashboard, or one that is down): every worker of this job
+        # quiets the placement-group cleaner while it is, as on a local Ray; a job submitted with its own setup
+        # hook keeps it (Ray merges no second one) and Ray's lines as they are
+        own = _job_setup_hook()
+        if own:
+            log.debug("the job has its own worker_process_setup_hook (%s); keplm's is not added", own)
+        ray.init(address=target, log_to_driver=True,
+                 **({} if own else {"runtime_env": {"worker_process_setup_hook": WORKER_HOOK}}))
     else:
         ray.init(
             num_cpus=cfg.num_cpus,
@@ -83,8 +171,8 @@ def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
             include_dashboard=cfg.include_dashboard,
             dashboard_host=cfg.dashboard_host,
             log_to_driver=True,
-            # without a dashboard Ray's state API is absent, and Ray Train's PlacementGroupCleaner, which asks
-            # it every second whether the train controller still lives, logs a warning each time it cannot
+            # without a dashboard Ray's State API is absent, and Ray Train's PlacementGroupCleaner, which asks
+            # it every second whether the train controller still lives, would log a warning each time it cannot
             runtime_env={"worker_process_setup_hook": WORKER_HOOK if cfg.include_dashboard else QUIET_HOOK},
         )
     capture_worker_lines()
