@@ -20,8 +20,12 @@ the collator makes them (bench_models.batch), eager and with the encoder layers 
 With ``--variants`` it also reports what bounds plain MLM (``bound_variants``): the host's share, each SDPA
 backend, dropout, and compile modes, one change at a time.
 
+``--gpu-kinds`` / ``--gpu-modes`` pick the GPU part's models and modes (benchmarks/gpu_check.sh times the compiled
+plain MLM alone); ``--dry-run`` runs the GPU part on CPU at the tiny shape, to check that it runs.
+
     python benchmarks/bench_pretrain.py [--steps 20] [--gpu-batch 64] [--skip-cpu] [--reader pyarrow]
                                         [--variants [--autotune] [--skip-gpu-figures]]
+                                        [--gpu-kinds mlm,smedbert] [--gpu-modes eager,compiled] [--dry-run]
 """
 
 from __future__ import annotations
@@ -114,7 +118,10 @@ def plain_ddp_speedup(steps: int, rounds: int = 3) -> float:
     return round(one_vs_two_processes(_ddp_worker, (steps,), rounds), 3)
 
 
-def gpu_figures(steps: int, batch_size: int) -> dict:
+def gpu_figures(steps: int, batch_size: int, kinds=("mlm", "smedbert"), modes=("eager", "compiled"),
+                device=None, shape_name: str = "base", seq: int = 512) -> dict:
+    """tokens/s, MFU and peak memory of each of ``kinds`` (mlm, smedbert) in each of ``modes`` (eager; compiled:
+    the encoder layers compiled as ``train.compile`` does). On a GPU in bf16; ``device`` cpu (a dry run) in fp32."""
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -122,29 +129,40 @@ def gpu_figures(steps: int, batch_size: int) -> dict:
 
     from keplm.platform.train_loop import compile_blocks, device_peak_flops, flops_per_token
 
-    dev = torch.device("cuda")
+    dev = device or torch.device("cuda")
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     peak = device_peak_flops(dev, None)
-    out = {"gpu": torch.cuda.get_device_name(dev), "gpu_seq": 512, "gpu_batch": batch_size, "gpu_peak_tflops": peak / 1e12}
-    data = batch(batch_size, 512, k=10, n=10, device=dev)
-    makers = models(SHAPES["base"], 512)
+    out = {"gpu": torch.cuda.get_device_name(dev) if cuda else "cpu (dry run)", "gpu_seq": seq, "gpu_batch": batch_size,
+           "gpu_shape": shape_name, "gpu_dtype": str(dtype).split(".")[-1], "gpu_peak_tflops": peak / 1e12}
+    data = batch(batch_size, seq, k=10, n=10, device=dev)
+    makers = models(SHAPES[shape_name], seq)
     # eager, then with train.compile=true (each encoder layer torch.compile'd, as the train loop does)
-    for compiled, tag in ((False, "eager"), (True, "compiled")):
-        for kind, name in (("mlm", "bert_mlm"), ("smedbert", "smedbert")):
+    for tag in modes:
+        compiled = tag == "compiled"
+        for kind in kinds:
             torch.manual_seed(0)
-            model = makers[name]().to(dev).train()
+            model = makers["bert_mlm" if kind == "mlm" else kind]().to(dev).train()
             if compiled:
                 compile_blocks(model)
-            tok_s = batch_size * 512 / step_time(model, data, steps, 5 if compiled else 3, torch.bfloat16)
+            tok_s = batch_size * seq / step_time(model, data, steps, 5 if compiled else 3, dtype)
             out[f"gpu_{tag}_{kind}_tokens_per_s"] = round(tok_s)
-            out[f"gpu_{tag}_{kind}_mfu"] = round(tok_s * flops_per_token(model, 512) / peak, 4)
-            out[f"gpu_{tag}_{kind}_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+            out[f"gpu_{tag}_{kind}_mfu"] = round(tok_s * flops_per_token(model, seq) / peak, 4)
+            if cuda:
+                out[f"gpu_{tag}_{kind}_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
             del model
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        out[f"gpu_{tag}_smedbert_vs_plain"] = round(out[f"gpu_{tag}_smedbert_tokens_per_s"] / out[f"gpu_{tag}_mlm_tokens_per_s"], 3)
-    best = max(("eager", "compiled"), key=lambda t: out[f"gpu_{t}_mlm_tokens_per_s"])
-    out.update(gpu_best=best, gpu_mlm_tokens_per_s=out[f"gpu_{best}_mlm_tokens_per_s"], gpu_mlm_mfu=out[f"gpu_{best}_mlm_mfu"],
-               gpu_smedbert_vs_plain=out[f"gpu_{best}_smedbert_vs_plain"])
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+        if "mlm" in kinds and "smedbert" in kinds:
+            out[f"gpu_{tag}_smedbert_vs_plain"] = round(out[f"gpu_{tag}_smedbert_tokens_per_s"]
+                                                        / out[f"gpu_{tag}_mlm_tokens_per_s"], 3)
+    if "mlm" in kinds:
+        best = max(modes, key=lambda t: out[f"gpu_{t}_mlm_tokens_per_s"])
+        out.update(gpu_best=best, gpu_mlm_tokens_per_s=out[f"gpu_{best}_mlm_tokens_per_s"],
+                   gpu_mlm_mfu=out[f"gpu_{best}_mlm_mfu"])
+        if "smedbert" in kinds:
+            out["gpu_smedbert_vs_plain"] = out[f"gpu_{best}_smedbert_vs_plain"]
     out.update(target_gpu_mfu=0.45, target_gpu_tokens_per_s_h100=450_000, target_smedbert_vs_plain=0.83)
     return out
 
@@ -260,6 +278,11 @@ def main() -> None:
                     help="also what bounds plain MLM's tokens/s (bound_variants): BERT-base, seq 512, --gpu-batch rows on "
                          "a GPU; on CPU (no GPU) the tiny shape, 8 x 128, which only checks the variants run")
     ap.add_argument("--autotune", action="store_true", help="with --variants: add compile mode max-autotune-no-cudagraphs")
+    ap.add_argument("--gpu-kinds", default="mlm,smedbert", help="models of the GPU part, comma-separated: mlm, smedbert")
+    ap.add_argument("--gpu-modes", default="eager,compiled", help="modes of the GPU part, comma-separated: eager, compiled")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: the GPU part on CPU at the tiny shape, 8 x 128 rows in fp32, to check it runs "
+                         "(benchmarks/gpu_check.sh --dry-run); its figures mean nothing")
     args = ap.parse_args()
     import torch
 
@@ -269,8 +292,11 @@ def main() -> None:
         out["cpu_plain_ddp_speedup_1_to_2"] = plain_ddp_speedup(args.steps)
         out["cpu_speedup_of_plain_ddp"] = round(out["cpu_speedup_1_to_2"] / out["cpu_plain_ddp_speedup_1_to_2"], 3)
     cuda = torch.cuda.is_available()
-    if cuda and not args.skip_gpu_figures:
-        out.update(gpu_figures(args.steps, args.gpu_batch))
+    kinds, modes = tuple(args.gpu_kinds.split(",")), tuple(args.gpu_modes.split(","))
+    if args.dry_run and not args.skip_gpu_figures:
+        out.update(gpu_figures(args.steps, 8, kinds, modes, torch.device("cpu"), "tiny", 128))
+    elif cuda and not args.skip_gpu_figures:
+        out.update(gpu_figures(args.steps, args.gpu_batch, kinds, modes))
     elif not cuda:
         out["gpu"] = None
     if args.variants:
