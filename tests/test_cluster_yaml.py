@@ -77,7 +77,8 @@ def test_every_node_starts_with_token_auth_and_a_head_local_dashboard():
     assert "chmod 600 ~/.ray/auth_token" in cfg["setup_commands"]
     # the Jobs API is reached through `ray dashboard cluster.yaml`'s SSH tunnel, with the token
     text = (ROOT / "cluster.yaml").read_text()
-    assert "ray dashboard cluster.yaml" in text and "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265" in text
+    assert "ray dashboard cluster.yaml" in text
+    assert "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265" in text
 
 
 def test_stages_and_checkpoints_go_to_nfs_and_s3():
@@ -105,7 +106,7 @@ def test_kuberay_rayjob_example():
     job, policy = docs["RayJob"], docs["NetworkPolicy"]
     assert job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
-    # the entrypoint is the pretrain job, its config and overrides valid, outputs on the shared volume, checkpoints on S3
+    # the entrypoint: the pretrain job, its config and overrides valid, outputs on the shared volume, checkpoints on S3
     args = pretrain_args(shlex.split(spec["entrypoint"]))
     assert args.config.startswith("/home/ray/keplm/configs/") and args.output.startswith("/mnt/keplm/")
     cfg = config.load(ROOT / "configs" / Path(args.config).name, list(args.overrides))
