@@ -99,7 +99,7 @@ def main() -> None:
     from keplm import config
     from keplm.kg.prepare import run_prepare
 
-    ray.init(num_cpus=2, object_store_memory=500 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=500 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     # the pipeline runs on the first --pipeline-docs documents of the whole corpus (all of it by default):
     # enough work that Ray's fixed costs (worker start, jieba and automaton build per actor) amortise

@@ -42,7 +42,7 @@ def stages(cfg, out: Path) -> dict:
 
     from keplm.models.pipeline import ensure_stages
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
     try:
         return ensure_stages(cfg, out)
     finally:

@@ -121,7 +121,7 @@ def main() -> None:
 
     # 1 vs 2 actors on the same seeds, same config; first the host's own 1 -> 2 process scaling (no Ray)
     host_speedup = two_process_speedup()
-    ray.init(num_cpus=2, object_store_memory=500 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=500 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     scale = rng.choice(n, args.scale_seeds, replace=False) if 0 < args.scale_seeds < n else np.arange(n)
     walls, solve_walls = {}, {}
     for actors in (1, 2):
@@ -200,7 +200,7 @@ def main() -> None:
         sgraph = Graph(entities=pa.table({"id": np.arange(sa.shape[0])}), relations=None, triples=None,
                        adjacency=sa, edge_relation=s_rel, edge_inverse=s_inv, degree=sdeg, path=None)
         aseeds = rng.choice(np.flatnonzero(sdeg > 0), args.synthetic_actor_seeds, replace=False)
-        ray.init(num_cpus=2, object_store_memory=1500 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=1500 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
         for actors in (1, 2):
             c = cfg.model_copy(update={"num_actors": actors, "k_max": 10, "actor_num_cpus": 1.0})
             t = time.perf_counter()

@@ -39,8 +39,11 @@ def ray_local():
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=500 * 1024 * 1024, include_dashboard=False,
+        ray.init(address="local", num_cpus=2, object_store_memory=500 * 1024 * 1024, include_dashboard=False,
                  log_to_driver=False)
+        from keplm.platform.ray_session import mark_no_state_api
+
+        mark_no_state_api()   # as keplm's own local Ray: no dashboard, so no placement-group cleaner
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

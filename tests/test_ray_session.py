@@ -138,13 +138,18 @@ def fake_init(monkeypatch):
 
     from keplm.platform import console
 
-    calls = []
+    class Calls(list):
+        marked: list
+
+    calls = Calls()
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr(console, "capture_worker_lines", lambda: True)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    calls.marked = []
+    monkeypatch.setattr(ray_session, "mark_no_state_api", lambda: calls.marked.append(len(calls)))
     return calls
 
 
@@ -170,6 +175,34 @@ def test_joining_a_cluster_installs_the_quieting_hook(fake_init, monkeypatch):
 def test_local_ray_hooks(fake_init):
     ray_session.connect(ray_session.RayConfig(num_cpus=1))
     assert hook(fake_init[-1]) is ray_session.quiet_placement_group_cleaner
+    assert fake_init.marked == [1]        # marked as having no State API of its own
+    assert fake_init[-1]["address"] == "local"   # never the `ray start` cluster a bare ray.init() would join
     ray_session.connect(ray_session.RayConfig(num_cpus=1, include_dashboard=True))
     assert hook(fake_init[-1]) is ray_session.worker_setup
+    assert fake_init.marked == [1]
     assert fake_init[-1]["dashboard_host"] == "127.0.0.1"
+
+
+def test_a_ray_without_a_state_api_of_its_own_trains_without_the_placement_group_cleaner(ray_local):
+    """Ray registers 127.0.0.1:8265 as its dashboard even when it starts none, so the cleaner of a local Ray would
+    ask another Ray's dashboard whether the train controller lives, hear "no such actor" and remove the live run's
+    placement group. keplm's local Ray (marked at start) leaves the cleaner out; a Ray that is not marked keeps it."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from keplm.platform.train_loop import drop_placement_group_cleaner
+
+    def cleaners(trainer):
+        return [c for c in trainer._create_default_callbacks() if isinstance(c, PlacementGroupCleanerCallback)]
+
+    assert ray_session.without_state_api()          # the session's Ray, marked as keplm's connect marks its own
+    trainer = TorchTrainer(lambda: None)
+    assert len(cleaners(trainer)) == 1
+    drop_placement_group_cleaner(trainer)
+    assert cleaners(trainer) == [] and trainer._create_default_callbacks()   # the other callbacks stay
+
+    @ray_local.remote(num_cpus=0)
+    def seen_by_a_worker():   # a Tune trial builds its Ray Train run inside a worker
+        return ray_session.without_state_api()
+
+    assert ray_local.get(seen_by_a_worker.remote())

@@ -125,6 +125,29 @@ def quiet_placement_group_cleaner() -> None:
     _quiet_cleaner(lambda: False)
 
 
+# set in the GCS of a local Ray keplm started without a dashboard: read by every process of that Ray (a Tune trial
+# builds its Ray Train run inside a worker) to leave out Ray Train's placement-group cleaner (``without_state_api``)
+NO_STATE_API_KEY, KEPLM_KV_NAMESPACE = b"no_state_api", b"keplm"
+
+
+def mark_no_state_api() -> None:
+    """Record in this Ray's GCS that it serves no State API (a local Ray started without a dashboard)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(NO_STATE_API_KEY, b"1", namespace=KEPLM_KV_NAMESPACE)
+
+
+def without_state_api() -> bool:
+    """Whether the Ray this process is connected to was marked by ``mark_no_state_api``. Ray registers its default
+    dashboard address (127.0.0.1:8265) even when it starts none, so its State API client would ask whatever Ray
+    listens there on this host: a second Ray's dashboard answers that the train controller does not exist, and
+    Ray Train's placement-group cleaner then removes a live run's placement group (its workers die). Only keplm
+    knows that its own local Ray has no dashboard."""
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_get(NO_STATE_API_KEY, namespace=KEPLM_KV_NAMESPACE) is not None
+
+
 def _job_setup_hook() -> str | None:
     """The setup hook of the Ray job this driver runs in (``ray job submit --runtime-env``), if it has one: Ray refuses
     to merge a second one into it."""
@@ -166,6 +189,9 @@ def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
                  **({} if own else {"runtime_env": {"worker_process_setup_hook": WORKER_HOOK}}))
     else:
         ray.init(
+            # "local": a new Ray of our own, even where `ray start` (or a test's ray.cluster_utils.Cluster) left its
+            # address in /tmp/ray/ray_current_cluster, which a bare ray.init() would join (and then refuse num_cpus)
+            address="local",
             num_cpus=cfg.num_cpus,
             object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
             include_dashboard=cfg.include_dashboard,
@@ -175,6 +201,8 @@ def connect(cfg: RayConfig | None = None, address: str | None = None) -> None:
             # it every second whether the train controller still lives, would log a warning each time it cannot
             runtime_env={"worker_process_setup_hook": WORKER_HOOK if cfg.include_dashboard else QUIET_HOOK},
         )
+        if not cfg.include_dashboard:
+            mark_no_state_api()
     capture_worker_lines()
     resources = ray.cluster_resources()
     log.info("Ray: %s, %g CPUs%s", f"the cluster at {target}" if target else "a local instance",

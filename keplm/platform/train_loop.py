@@ -48,6 +48,7 @@ from pydantic import Field
 
 from keplm.platform.config import Section
 from keplm.platform.loss_balance import diagnostic_due, imbalance_warning, term_gradient_norms
+from keplm.platform.ray_session import without_state_api
 
 log = logging.getLogger(__name__)
 
@@ -768,4 +769,18 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         **data,
     )
+    if without_state_api():
+        drop_placement_group_cleaner(trainer)
     return trainer.fit()
+
+
+def drop_placement_group_cleaner(trainer) -> None:
+    """Leave Ray Train's placement-group cleaner out of ``trainer``'s run. The cleaner (a detached actor) removes
+    the run's placement group once the State API says the train controller is gone; on a Ray without a State API
+    of its own (``ray_session.without_state_api``) it could only ask another Ray's, and a local Ray's placement
+    groups go with the Ray anyway. Wraps Ray's private ``_create_default_callbacks`` (Ray Train V2)."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    defaults = trainer._create_default_callbacks
+    trainer._create_default_callbacks = lambda: [c for c in defaults()
+                                                 if not isinstance(c, PlacementGroupCleanerCallback)]
