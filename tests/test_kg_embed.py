@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import need_shared
-from keplm.kg.embed import load_embeddings, run_embed
+from keplm.kg.embed import eval_batch_size, load_embeddings, run_embed, train_embeddings
 from keplm.kg.graph import GraphConfig, build_graph, load_graph
 
 
@@ -74,6 +74,91 @@ def test_embeddings_beat_random_and_export_by_id(ray_local, umls_graph, tmp_path
     assert rank_hits_at_10(shuffled, h, r, t, model) < 0.3
     names = pq.read_table(tmp_path / "entities.parquet").column("name").to_pylist()
     assert names == g.entities.column("name").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def umls_ids():
+    """UMLS as keplm's train_embeddings takes it: id triples, entity and relation names."""
+    from pykeen.datasets import UMLS
+
+    ds = UMLS()
+    mapped = np.concatenate([tf.mapped_triples.numpy() for tf in (ds.training, ds.validation, ds.testing)])
+    ents = sorted(ds.training.entity_to_id, key=ds.training.entity_to_id.get)
+    rels = sorted(ds.training.relation_to_id, key=ds.training.relation_to_id.get)
+    return mapped, ents, rels
+
+
+def test_eval_batch_size_reaches_pykeen_and_leaves_the_metrics_as_they_are(umls_ids, monkeypatch):
+    from pykeen.evaluation import RankBasedEvaluator
+
+    from keplm import config
+
+    seen = []
+    evaluate = RankBasedEvaluator.evaluate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("batch_size"))
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(RankBasedEvaluator, "evaluate", spy)
+    common = ["embed.model=transr", "embed.dim=16", "embed.relation_dim=8", "embed.epochs=2", "embed.batch_size=256",
+              "embed.lr=0.01"]
+    metrics = {}
+    for bs in (7, 500):
+        cfg = config.load(None, [*common, f"embed.eval_batch_size={bs}"]).embed
+        res = train_embeddings(*umls_ids, cfg)
+        assert seen[-1] == bs and res["counts"]["eval_batch_size"] == bs
+        metrics[bs] = res["metrics"]
+    assert metrics[7] == pytest.approx(metrics[500], abs=1e-9) and metrics[7]["mrr"] > 0.1
+    # unset: sized to the entities (2^26 scores a batch), never PyKEEN's CPU fallback of 32
+    cfg = config.load(None, common).embed
+    assert [eval_batch_size(cfg, n) for n in (135, 24_874, 275_000, 10_000_000)] == [4096, 2048, 128, 16]
+    train_embeddings(*umls_ids, cfg.model_copy(update={"epochs": 1}))
+    assert seen[-1] == 4096
+
+
+@pytest.mark.parametrize("name", ["transe", "transr", "transr_l1"])
+def test_ranking_models_score_as_pykeens_own(name):
+    """keplm.kg.scoring's all-entity and per-triple scores, gradients and filtered metrics are PyKEEN's."""
+    import torch
+    from pykeen.datasets import UMLS
+    from pykeen.evaluation import RankBasedEvaluator
+    from pykeen.models import TransE, TransR
+    from pykeen.training import SLCWATrainingLoop
+
+    from keplm.kg.scoring import RankingTransE, RankingTransR
+
+    ds = UMLS()
+    stock, fast, kw = {
+        "transe": (TransE, RankingTransE, dict(embedding_dim=20, scoring_fct_norm=2)),
+        "transr": (TransR, RankingTransR, dict(embedding_dim=16, relation_dim=8, scoring_fct_norm=2)),
+        "transr_l1": (TransR, RankingTransR, dict(embedding_dim=16, relation_dim=8, scoring_fct_norm=1, power_norm=True)),
+    }[name]
+    model = fast(triples_factory=ds.training, random_seed=1, **kw)
+    SLCWATrainingLoop(model=model, triples_factory=ds.training, optimizer=torch.optim.Adam(model.parameters(), lr=0.01)
+                      ).train(triples_factory=ds.training, num_epochs=3, batch_size=256, use_tqdm=False)
+    ref = stock(triples_factory=ds.training, random_seed=1, **kw)
+    ref.load_state_dict(model.state_dict())
+    hrt = ds.testing.mapped_triples[:200]
+    a, b = model.score_hrt(hrt), ref.score_hrt(hrt)
+    assert a.shape == b.shape == (200, 1) and torch.allclose(a, b, atol=1e-5)
+    a.sum().backward()
+    b.sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5)
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.score_t(hrt[:, :2]), ref.score_t(hrt[:, :2]), atol=1e-5)
+        assert torch.allclose(model.score_h(hrt[:, 1:]), ref.score_h(hrt[:, 1:]), atol=1e-5)
+        # a subset of tails and slicing stay PyKEEN's own path
+        assert torch.allclose(model.score_t(hrt[:5, :2], tails=torch.arange(7)), ref.score_t(hrt[:5, :2], tails=torch.arange(7)))
+    filt = [ds.training.mapped_triples, ds.validation.mapped_triples]
+    got, want = (RankBasedEvaluator().evaluate(m, ds.testing.mapped_triples, batch_size=64, use_tqdm=False,
+                                               additional_filter_triples=filt) for m in (model, ref))
+    for key in ("both.realistic.inverse_harmonic_mean_rank", "both.realistic.hits_at_10"):
+        # L1 distances tie more often: float rounding may split a tie the other way
+        assert got.get_metric(key) == pytest.approx(want.get_metric(key), abs=1e-6 if name != "transr_l1" else 2e-3)
 
 
 def test_embed_cli_errors_in_one_line(tmp_path):

@@ -3,7 +3,9 @@
 TransR (Lin et al. 2015; SMedBERT's Γent, Γrel and projection matrices M_r, d2 = 200) scores a triple
 by ``-||h·M_r + r - t·M_r||``; TransE (KeBioLM: dim 100, L2) by ``-||h + r - t||``. The kept triples of
 ``kg build`` are split train/validation/test (PyKEEN's split keeps every entity in train); the test split
-gives filtered MRR and Hits@1/3/10 (both sides, realistic ranks), logged to the manifest and to MLflow.
+gives filtered MRR and Hits@1/3/10 (both sides, realistic ranks), logged to the manifest and to MLflow. The models
+are PyKEEN's own with faster all-entity ranking and TransR training (keplm.kg.scoring); both batch sizes are set
+(``batch_size``, ``eval_batch_size``), never left to PyKEEN's CPU fallbacks.
 
 Output (schema version 1)::
 
@@ -12,7 +14,8 @@ Output (schema version 1)::
                              relation_proj (R, d, d_r) float32 — TransR only: h·M_r is h @ relation_proj[j]
     entities.parquet, relations.parquet   copied from the graph (the id order above)
     manifest.json            counts: triples_train/valid/test, evaluated_test_triples, mrr, hits_at_1/3/10,
-                             random_hits_at_10 (what a random ranking would score), epochs, seconds, device
+                             random_hits_at_10 (what a random ranking would score), epochs, seconds
+                             (train_seconds, eval_seconds), eval_batch_size, device
 
 Entities in no triple (isolated) keep their random initial embedding (counted: ``isolated_entities``).
 """
@@ -53,16 +56,56 @@ class EmbedConfig(Section):
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test shares of the "
                                               "triples (every entity stays in train)")
     eval_max_triples: int | None = Field(5000, ge=1, description="rank at most this many test triples")
+    eval_batch_size: int | None = Field(None, ge=1, description="test triples ranked at once against every entity "
+                                        "(PyKEEN's evaluator batch); unset: the most whose scores fit 256 MB "
+                                        "(2^26 / entities, a power of two from 16 to 4,096: 2,048 for 25 K "
+                                        "entities, 128 for 275 K) instead of PyKEEN's CPU fallback of 32")
     seed: int = Field(42, description="seed of the split, initialisation and negative sampling")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when the cluster has one")
 
 
-EVAL_BATCH_CPU = 32   # test triples ranked at once against every entity on CPU: PyKEEN's own CPU default
+EVAL_SCORES_PER_BATCH = 2 ** 26   # float32 scores of one evaluation batch (batch x entities): 256 MB
+
+
+def eval_batch_size(cfg: EmbedConfig, num_entities: int) -> int:
+    """embed.eval_batch_size, or the largest power of two from 16 to 4,096 whose (batch x entities) scores stay
+    within EVAL_SCORES_PER_BATCH: keplm's TransE / TransR rank a batch with one such matrix (keplm.kg.scoring)."""
+    if cfg.eval_batch_size:
+        return cfg.eval_batch_size
+    fit = max(1, EVAL_SCORES_PER_BATCH // max(1, num_entities))
+    return int(min(4096, max(16, 2 ** (fit.bit_length() - 1))))
 
 
 def _dims(cfg: EmbedConfig) -> tuple[int, int]:
     d, dr = DEFAULT_DIMS[cfg.model]
     return cfg.dim or d, (cfg.relation_dim or cfg.dim or dr) if cfg.model == "transr" else (cfg.dim or d)
+
+
+def model_kwargs(cfg: EmbedConfig) -> dict:
+    """The PyKEEN model's own arguments: dims and the distance's p."""
+    dim, rdim = _dims(cfg)
+    kwargs = {"embedding_dim": dim, "scoring_fct_norm": cfg.norm}
+    if cfg.model == "transr":
+        kwargs["relation_dim"] = rdim
+    return kwargs
+
+
+def pipeline_kwargs(cfg: EmbedConfig, device: str, num_entities: int) -> dict:
+    """Everything the stage hands PyKEEN's ``pipeline`` besides the triples (benchmarks/bench_kg_embed.py times the
+    same call against ``pipeline``'s defaults)."""
+    from keplm.kg.scoring import RankingTransE, RankingTransR
+
+    return dict(
+        # PyKEEN's TransR / TransE, ranking against all entities with a product per relation (keplm.kg.scoring)
+        model=RankingTransR if cfg.model == "transr" else RankingTransE, model_kwargs=model_kwargs(cfg),
+        optimizer="Adam", optimizer_kwargs={"lr": cfg.lr},
+        negative_sampler="basic", negative_sampler_kwargs={"num_negs_per_pos": cfg.negatives_per_positive},
+        # both batch sizes set: left unset, PyKEEN takes 256 (training) and 32 (evaluation) on CPU, and on a GPU
+        # searches for the largest that fits, re-running the first batches
+        training_kwargs={"num_epochs": cfg.epochs, "batch_size": cfg.batch_size, "use_tqdm": False},
+        evaluation_kwargs={"use_tqdm": False, "batch_size": eval_batch_size(cfg, num_entities)},
+        random_seed=cfg.seed, device=device, use_tqdm=False,
+    )
 
 
 def train_embeddings(mapped: np.ndarray, entity_names: list[str], relation_names: list[str], cfg: EmbedConfig) -> dict:
@@ -85,22 +128,9 @@ def train_embeddings(mapped: np.ndarray, entity_names: list[str], relation_names
         g = torch.Generator().manual_seed(cfg.seed)
         keep = torch.randperm(test.num_triples, generator=g)[: cfg.eval_max_triples]
         evaluated = test.clone_and_exchange_triples(test.mapped_triples[keep])
-    dim, rdim = _dims(cfg)
-    model_kwargs = {"embedding_dim": dim, "scoring_fct_norm": cfg.norm}
-    if cfg.model == "transr":
-        model_kwargs["relation_dim"] = rdim
     t = time.perf_counter()
-    result = pipeline(
-        training=train, validation=valid, testing=evaluated,
-        model="TransR" if cfg.model == "transr" else "TransE", model_kwargs=model_kwargs,
-        optimizer="Adam", optimizer_kwargs={"lr": cfg.lr},
-        negative_sampler="basic", negative_sampler_kwargs={"num_negs_per_pos": cfg.negatives_per_positive},
-        # the evaluation batch on CPU: PyKEEN's own conservative CPU choice (32) made explicit, since left unset
-        # PyKEEN warns and picks it anyway; on a GPU, unset: PyKEEN finds the largest that fits
-        training_kwargs={"num_epochs": cfg.epochs, "batch_size": cfg.batch_size, "use_tqdm": False},
-        evaluation_kwargs={"use_tqdm": False, **({"batch_size": EVAL_BATCH_CPU} if device == "cpu" else {})},
-        random_seed=cfg.seed, device=device, use_tqdm=False,
-    )
+    result = pipeline(training=train, validation=valid, testing=evaluated,
+                      **pipeline_kwargs(cfg, device, len(entity_names)))
     seconds = time.perf_counter() - t
     model = result.model.eval()
     with torch.no_grad():
@@ -118,6 +148,8 @@ def train_embeddings(mapped: np.ndarray, entity_names: list[str], relation_names
     counts = {
         "triples_train": train.num_triples, "triples_valid": valid.num_triples, "triples_test": test.num_triples,
         "evaluated_test_triples": evaluated.num_triples, "epochs": cfg.epochs, "seconds": round(seconds, 2),
+        "train_seconds": round(result.train_seconds, 2), "eval_seconds": round(result.evaluate_seconds, 2),
+        "eval_batch_size": eval_batch_size(cfg, len(entity_names)),
         "device": device, "final_loss": float(result.losses[-1]) if result.losses else None,
     }
     return {"arrays": arrays, "metrics": metrics, "counts": counts}
