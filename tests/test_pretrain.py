@@ -347,7 +347,7 @@ def test_the_training_key_follows_what_is_computed_not_how_it_runs():
         changed = training_key(keplm_config.load("configs/demo.yaml", [override]), lineage)
         assert changed != base and changed_keys(base, changed) == [override.split("=")[0]]
     for override in ("train.stop_after_steps=5", "train.compile=true", "train.cpus_per_worker=2", "train.log_every=1",
-                     "train.fault_at_step=3", "pepr.k_max=20", "tracking.experiment=x"):
+                     "train.fault_at_step=3", "train.resources_timeout_s=30", "pepr.k_max=20", "tracking.experiment=x"):
         assert training_key(keplm_config.load("configs/demo.yaml", [override]), lineage) == base, override
     # a rerun stage reaches the key through its manifest hash
     other = training_key(keplm_config.load("configs/demo.yaml"), {**lineage, "lineage.neighbours": "manifest:b"})

@@ -130,11 +130,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = run_training(cfg.train, inputs["files"], build_for_worker, inputs["context"], train_dir, uri,
                                   run_id, cfg.batches.max_seq_len, val_files=inputs["val_files"],
-                                  name=f"pretrain-{key[:16]}")
+                                  name=f"pretrain-{key[:16]}", bound_resource_wait=True)
         except Exception as exc:  # noqa: BLE001
             client.set_terminated(run_id, status="FAILED")
-            raise KeplmError(f"training failed: {exc.__class__.__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            if isinstance(exc, KeplmError):   # already one line (e.g. the workers' resources never came)
+                raise
+            # a ControllerError's own first line is only "Training failed due to controller error:"
+            cause = getattr(exc, "controller_failure", None) or exc
+            raise KeplmError(f"training failed: {cause.__class__.__name__}: "
+                             f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
         console.wait_for_worker_lines()   # the last progress line before this stage's end
         metrics = dict(result.metrics or {})
         st["counts"] = ", ".join([f"{metrics.get('step', 0)} steps"] + [

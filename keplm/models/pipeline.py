@@ -185,7 +185,7 @@ TRAIN_RUN_CONTROL = frozenset({
     "use_gpu", "cpus_per_worker", "gpus_per_worker", "checkpoint_every", "keep_checkpoints", "max_failures",
     "log_every", "storage_path", "peak_tflops", "stop_after_steps", "pause_at_steps", "fault_at_step", "compile",
     "deterministic", "prefetch_batches", "read_cpus", "read_concurrency", "diagnostics_every",
-    "diagnostics_max_ratio"})
+    "resources_timeout_s", "diagnostics_max_ratio"})
 
 
 def computed_train_section(dump: dict) -> dict:

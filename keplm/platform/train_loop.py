@@ -71,6 +71,10 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints (and sweep reports)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on storage")
     max_failures: int = Field(2, ge=0, description="restarts of a failed worker group from its last checkpoint")
+    resources_timeout_s: float = Field(
+        600.0, gt=0, description="keplm pretrain: how long a worker group may wait for its workers' resources (a "
+        "lost node's worker, a cluster too small) before the run fails with one line and exit code 3; rerunning the "
+        "same command resumes. Long enough by default for an autoscaler to replace a node")
     log_every: int = Field(10, ge=1, description="optimizer steps between metric logs")
     storage_path: str | None = Field(None, description="checkpoint storage: a path or a URI Ray supports "
                                                        "(s3://, gs://, an NFS path); unset: OUTPUT/ray_train")
@@ -745,9 +749,14 @@ def split_validation(files: list[str], val_rows: int, out_dir: str | Path) -> tu
 
 def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_context: dict, out_dir: str | Path,
                  tracking_uri: str | None, run_id: str | None, seq_len: int, val_files: list[str] | None = None,
-                 callbacks: list | None = None, name: str = "pretrain"):
+                 callbacks: list | None = None, name: str = "pretrain", bound_resource_wait: bool = False):
     """Start (or resume) the TorchTrainer; returns Ray Train's Result. ``callbacks``: Ray Train user
-    callbacks (a Tune trial passes ``TuneReportCallback`` so every report reaches Tune)."""
+    callbacks (a Tune trial passes ``TuneReportCallback`` so every report reaches Tune).
+
+    ``bound_resource_wait`` (``keplm pretrain``): a worker group waits at most ``cfg.resources_timeout_s`` for its
+    resources, with one line naming a lost node and what it waits for, then the run fails with a
+    ``ClusterResourcesError`` (``keplm.platform.train_resources``). Without it (a sweep's trials, which wait for
+    each other's workers) Ray Train retries the placement every 60 s for as long as it takes."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -755,6 +764,11 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     storage = cfg.storage_path or str(Path(out_dir).resolve() / "ray_train")
+    notice = []
+    if bound_resource_wait:
+        from keplm.platform.train_resources import ResourceWaitNotice
+
+        notice = [ResourceWaitNotice(cfg.resources_timeout_s)]
     data = ({"datasets": {"train": shard_dataset(files, cfg.seed, cfg.read_cpus, cfg.read_concurrency)},
              "dataset_config": ingest_data_config()} if cfg.reader == "ray_data" else {})
     trainer = TorchTrainer(
@@ -764,14 +778,28 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
                            "fault_marker": str(Path(out_dir).resolve() / "fault_injected"), "val_files": val_files or []},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks or None,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=[*(callbacks or []), *notice] or None,
+                             # bounded: one start attempt of at most resources_timeout_s, then the run fails
+                             failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                          controller_failure_limit=0 if bound_resource_wait else -1),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         **data,
     )
     if without_state_api():
         drop_placement_group_cleaner(trainer)
-    return trainer.fit()
+    if not bound_resource_wait:
+        return trainer.fit()
+    from keplm.platform.train_resources import bounded_start_wait, dead_node_ids, explain_start_failure
+
+    dead_before = dead_node_ids()
+    try:
+        with bounded_start_wait(cfg.resources_timeout_s):
+            return trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - only a worker group that could not start is explained
+        explained = explain_start_failure(exc, cfg.num_workers, resources, cfg.resources_timeout_s, dead_before)
+        if explained is None:
+            raise
+        raise explained from None
 
 
 def drop_placement_group_cleaner(trainer) -> None:
