@@ -23,7 +23,10 @@ backend, dropout, and compile modes, one change at a time.
 ``--gpu-kinds`` / ``--gpu-modes`` pick the GPU part's models and modes (benchmarks/gpu_check.sh times the compiled
 plain MLM alone); ``--dry-run`` runs the GPU part on CPU at the tiny shape, to check that it runs.
 
-    python benchmarks/bench_pretrain.py [--steps 20] [--gpu-batch 64] [--skip-cpu] [--reader pyarrow]
+With ``--real PREPARED`` it also runs the job on real shards (a `keplm prepare` output) with random and with
+length-grouped batches, interleaved: real tokens/s and the padding share of each (``real_corpus_padding``).
+
+    python benchmarks/bench_pretrain.py [--steps 20] [--real PREPARED [--real-rounds 2]] [--gpu-batch 64] [--skip-cpu] [--reader pyarrow]
                                         [--variants [--autotune] [--skip-gpu-figures]]
                                         [--gpu-kinds mlm,smedbert] [--gpu-modes eager,compiled] [--dry-run]
 """
@@ -42,6 +45,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
 CPU_BATCH, CPU_SEQ, DEMO_VOCAB = 16, 128, 3000   # rows per worker, tokens per row; configs/demo.yaml's vocab_size
+REAL_BATCH = 16                                  # rows per step of the real-corpus runs (seq 512)
+# the real runs shuffle the whole corpus (37,857 segments): the first files hold long documents cut into full
+# 512-token segments, so a few steps from the default 4,096-row buffer would see almost no padding at all
+REAL_SHUFFLE_ROWS = 50_000
 MODEL = ["model.kind=mlm", *(f"model.{k}={v}" for k, v in CPU_SHAPE.items()), f"batches.max_seq_len={CPU_SEQ}",
          f"train.batch_size={CPU_BATCH}", "train.warmup_ratio=0.0", "train.checkpoint_every=1000", "train.log_every=5",
          "train.cpus_per_worker=0.9"]
@@ -73,6 +80,43 @@ def cpu_scaling(steps: int, reader: str) -> dict:
             out[f"cpu_mfu_{workers}_worker"] = round(statistics.median(hist["mfu"][3:]), 4)
     out["cpu_speedup_1_to_2"] = round(out["cpu_tokens_per_s_2_worker"] / out["cpu_tokens_per_s_1_worker"], 3)
     out["target_cpu_speedup"] = 1.7
+    return out
+
+
+def real_corpus_padding(prepared: str, steps: int, rounds: int) -> dict:
+    """Real tokens/s of `keplm pretrain` on real shards with random batches (``train.length_group_batches=1``,
+    the baseline) and length-grouped ones (the default, 64), ``rounds`` interleaved runs of each: plain MLM at
+    the CPU shape with seq 512 (the paper's), 1 worker of 1 thread, ``REAL_BATCH`` rows, shuffled over the whole
+    corpus (``REAL_SHUFFLE_ROWS``). tokens/s counts
+    real tokens only (the job's ``tokens_per_s``: attention-mask sums); ``padding_fraction`` is the share of
+    computed token slots that were padding, as the job logs it per step. Medians over each run's steps after
+    the first 3, then over the rounds, with the rounds' range."""
+    from mlflow.tracking import MlflowClient
+
+    grouping = {"random": 1, "grouped": 64}
+    runs: dict[str, list[dict]] = {k: [] for k in grouping}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, group in grouping.items():
+                out = Path(tmp) / f"{name}{r}"
+                res = run_job(out, f"--prepared={prepared}", *MODEL, "batches.max_seq_len=512", "model.max_position_embeddings=512",
+                              "train.num_workers=1",
+                              f"train.batch_size={REAL_BATCH}", f"train.max_steps={steps}", "train.log_every=100",
+                              f"train.length_group_batches={group}", f"train.shuffle_buffer_rows={REAL_SHUFFLE_ROWS}")
+                client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+                hist = {k: [m.value for m in sorted(client.get_metric_history(res["mlflow_run_id"], k), key=lambda m: m.step)]
+                        for k in ("tokens_per_s", "padding_fraction")}
+                runs[name].append({k: statistics.median(v[3:]) for k, v in hist.items()})
+    out: dict = {"real_prepared": str(prepared), "real_batch": REAL_BATCH, "real_seq": 512, "real_rounds": rounds}
+    for name in grouping:
+        tok = [run["tokens_per_s"] for run in runs[name]]
+        out[f"real_{name}_tokens_per_s"] = round(statistics.median(tok), 1)
+        out[f"real_{name}_tokens_per_s_range"] = [round(min(tok), 1), round(max(tok), 1)]
+        out[f"real_{name}_padding_fraction"] = round(statistics.median(run["padding_fraction"] for run in runs[name]), 4)
+    ratios = [g["tokens_per_s"] / b["tokens_per_s"] for b, g in zip(runs["random"], runs["grouped"])]
+    out.update(real_grouped_speedup=round(statistics.median(ratios), 3),
+               real_grouped_speedup_range=[round(min(ratios), 3), round(max(ratios), 3)],
+               target_real_speedup=1.3, target_padding_fraction=0.05)
     return out
 
 
@@ -283,10 +327,16 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU: the GPU part on CPU at the tiny shape, 8 x 128 rows in fp32, to check it runs "
                          "(benchmarks/gpu_check.sh --dry-run); its figures mean nothing")
+    ap.add_argument("--real", metavar="PREPARED", help="also real tokens/s and padding on this keplm prepare output "
+                    "(e.g. ../shared/data's corpus prepared with min_chars=256, max_seq_len=512), random vs "
+                    "length-grouped batches")
+    ap.add_argument("--real-rounds", type=int, default=2, help="interleaved runs of each with --real")
     args = ap.parse_args()
     import torch
 
     out: dict = {"bench": "pretrain"}
+    if args.real:
+        out.update(real_corpus_padding(args.real, args.steps, args.real_rounds))
     if not args.skip_cpu:
         out.update(cpu_scaling(args.steps, args.reader))
         out["cpu_plain_ddp_speedup_1_to_2"] = plain_ddp_speedup(args.steps)
