@@ -132,7 +132,8 @@ def test_ranking_models_score_as_pykeens_own(name):
     stock, fast, kw = {
         "transe": (TransE, RankingTransE, dict(embedding_dim=20, scoring_fct_norm=2)),
         "transr": (TransR, RankingTransR, dict(embedding_dim=16, relation_dim=8, scoring_fct_norm=2)),
-        "transr_l1": (TransR, RankingTransR, dict(embedding_dim=16, relation_dim=8, scoring_fct_norm=1, power_norm=True)),
+        "transr_l1": (TransR, RankingTransR,
+                      dict(embedding_dim=16, relation_dim=8, scoring_fct_norm=1, power_norm=True)),
     }[name]
     model = fast(triples_factory=ds.training, random_seed=1, **kw)
     SLCWATrainingLoop(model=model, triples_factory=ds.training, optimizer=torch.optim.Adam(model.parameters(), lr=0.01)
@@ -152,7 +153,8 @@ def test_ranking_models_score_as_pykeens_own(name):
         assert torch.allclose(model.score_t(hrt[:, :2]), ref.score_t(hrt[:, :2]), atol=1e-5)
         assert torch.allclose(model.score_h(hrt[:, 1:]), ref.score_h(hrt[:, 1:]), atol=1e-5)
         # a subset of tails and slicing stay PyKEEN's own path
-        assert torch.allclose(model.score_t(hrt[:5, :2], tails=torch.arange(7)), ref.score_t(hrt[:5, :2], tails=torch.arange(7)))
+        some = torch.arange(7)
+        assert torch.allclose(model.score_t(hrt[:5, :2], tails=some), ref.score_t(hrt[:5, :2], tails=some))
     filt = [ds.training.mapped_triples, ds.validation.mapped_triples]
     got, want = (RankBasedEvaluator().evaluate(m, ds.testing.mapped_triples, batch_size=64, use_tqdm=False,
                                                additional_filter_triples=filt) for m in (model, ref))

@@ -11,9 +11,9 @@ stage take minutes and that of the SMedBERT KG's size hours. These subclasses sc
 * TransE: the distances of ``h + r`` (or ``t - r``) to every entity, likewise one (b, n) matrix.
 
 TransR's ``score_hrt`` (training's positives and negatives) likewise projects each relation's rows of the batch
-with one product instead of PyKEEN's per-triple (d, k) gather. Everything else is PyKEEN's own. The scores equal PyKEEN's up
-to float rounding (the distances are taken with torch.cdist); tests/test_kg_embed.py checks both the scores and
-the evaluator's metrics against the stock models.
+with one product instead of PyKEEN's per-triple (d, k) gather. Everything else is PyKEEN's own. The scores equal
+PyKEEN's up to float rounding (the distances are taken with torch.cdist); tests/test_kg_embed.py checks the
+scores, their gradients and the evaluator's metrics against the stock models.
 """
 
 from __future__ import annotations
