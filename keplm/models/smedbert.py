@@ -155,7 +155,18 @@ class HybridAttention(nn.Module):
         score = self.w_a(torch.tanh(self.w_t(h_m)[:, :, None] + self.w_t2(h_tau))).squeeze(-1)
         return masked_softmax(score, present)
 
-    def forward(self, hidden, spans, span_mask, nb_emb, nb_type, nb_mask, width: int | None = None):
+    def forward(self, hidden, spans, span_mask, nb_emb, nb_type, nb_mask, width: int | None = None,
+                plan: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """-> hidden with eq. 10-11 applied to the tokens of the mentions that have neighbours. ``plan``:
+        :func:`infusion_plan` of the same spans and masks, taken by the caller before the encoder runs (it
+        is a host-device sync); None computes it here."""
+        h_k = self.knowledge(hidden, spans, span_mask, nb_emb, nb_type, nb_mask, width)
+        if plan is None:
+            plan = infusion_plan(spans, span_mask, nb_mask, hidden.size(1))
+        return self.infuse(hidden, h_k, *plan)
+
+    def knowledge(self, hidden, spans, span_mask, nb_emb, nb_type, nb_mask, width: int | None = None) -> torch.Tensor:
+        """eq. 2-9: the knowledge vector h_k of every mention -> (B, M, d1)."""
         tokens, tok_mask = gather_spans(hidden, spans, span_mask, width)
         h_m = self.ln_be(F.gelu(self.w_be(self.pool(tokens, tok_mask))))                # eq. 2 (B, M, d2)
         scale = 1.0
@@ -170,19 +181,36 @@ class HybridAttention(nn.Module):
         agg = torch.einsum("bmk,bmkd->bmd", beta, self.w_v(nb_emb))                     # eq. 6
         agg = self.ln_agg(agg + self.w_l2(F.gelu(self.w_l1(agg))))                      # eq. 7
         h_mf = F.gelu(self.w_mf(torch.cat([agg, h_m], -1)))                             # eq. 8
-        h_k = self.ln_bp(self.w_bp(h_mf))                                               # eq. 9 (B, M, d1)
+        return self.ln_bp(self.w_bp(h_mf))                                              # eq. 9 (B, M, d1)
 
-        # eq. 10-11 on the tokens of mentions that have neighbours; every other token is left as it is
-        active = span_mask & nb_mask.any(-1)
-        b, t = hidden.shape[:2]
-        pos = torch.arange(t, device=hidden.device)
-        inside = (pos[None, None] >= spans[..., :1]) & (pos[None, None] < spans[..., 1:]) & active[..., None]  # (B, M, T)
-        covered = inside.any(1)
-        owner = inside.float().argmax(1)                                                # the one mention (no overlaps)
-        h_tok = torch.gather(h_k, 1, owner[..., None].expand(-1, -1, h_k.size(-1)))     # (B, T, d1)
-        g = torch.tanh(self.w_ug(torch.cat([hidden, h_tok], -1)))                       # eq. 10
-        fused = F.gelu(self.w_ex(torch.cat([hidden, g * h_tok], -1))) + hidden          # eq. 11
-        return torch.where(covered[..., None], fused, hidden)
+    def infuse(self, hidden, h_k, tokens: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        """eq. 10-11 on the listed tokens only (flat b·T + t indices, each with its mention's flat b·M + m
+        index); every other token is passed through as it is. Computing the gate and the infusion on those
+        tokens alone, instead of on every token and keeping the mentions' with a where, spares the two
+        (2·d1 → d1) projections on the ~70 % of tokens that no mention covers: ~2 % of a BERT-base step's
+        FLOPs for nothing (SMedBERT's step 1.034× plain MLM's FLOPs before, 1.014× now)."""
+        b, t, d1 = hidden.shape
+        flat = hidden.reshape(b * t, d1)
+        h_i = flat.index_select(0, tokens)                                              # (C, d1)
+        h_tok = h_k.reshape(-1, d1).index_select(0, owners)                             # its mention's h_k
+        g = torch.tanh(self.w_ug(torch.cat([h_i, h_tok], -1)))                          # eq. 10
+        fused = F.gelu(self.w_ex(torch.cat([h_i, g * h_tok], -1))) + h_i                # eq. 11
+        return flat.index_copy(0, tokens, fused.to(flat.dtype)).reshape(b, t, d1)
+
+
+def infusion_plan(spans: torch.Tensor, span_mask: torch.Tensor, nb_mask: torch.Tensor, seq_len: int):
+    """The tokens eq. 10-11 infuse, those of the mentions that have neighbours (footnote 4: a mention's own
+    tokens only): (flat b·T + t indices, the flat b·M + m index of the mention that covers each). Mentions
+    do not overlap (the linker makes none); where they would, the first covering mention wins. Reading
+    the count is a host-device sync: the model takes it before the encoder runs."""
+    active = span_mask & nb_mask.any(-1)
+    pos = torch.arange(seq_len, device=spans.device)
+    inside = (pos[None, None] >= spans[..., :1]) & (pos[None, None] < spans[..., 1:]) & active[..., None]  # (B, M, T)
+    covered = inside.any(1)                                                             # (B, T)
+    owner = inside.float().argmax(1)                                                    # (B, T)
+    rows, cols = covered.nonzero(as_tuple=True)
+    m = spans.size(1)
+    return rows * seq_len + cols, rows * m + owner[rows, cols]
 
 
 class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
@@ -247,9 +275,10 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
         hook = None
         if self.hybrid is not None and has_mentions:
             nb_emb = self.kg.entity[neighbour_ids.clamp(min=0)] * neighbour_mask[..., None]
+            plan = infusion_plan(mention_spans, mention_mask, neighbour_mask, input_ids.size(1))
 
             def hook(h):
-                return self.hybrid(h, mention_spans, mention_mask, nb_emb, neighbour_type, neighbour_mask, width)
+                return self.hybrid(h, mention_spans, mention_mask, nb_emb, neighbour_type, neighbour_mask, width, plan)
 
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids,
                        after_layer=min(cfg.hybrid_layer, cfg.num_hidden_layers), hook=hook)
