@@ -50,6 +50,75 @@ def test_retrieve_is_the_softmax_over_the_top_k():
     assert torch.allclose(full, torch.softmax(h @ e.T, -1) @ e, atol=1e-6)
 
 
+def retrieve_reference(h, e, k):
+    """eq. 3 differentiated as written: the scores over every entity, their top k, softmax, weighted sum."""
+    top, idx = (h @ e.T).topk(k, dim=-1)
+    return torch.einsum("nk,nkd->nd", torch.softmax(top, -1), e[idx])
+
+
+@pytest.mark.parametrize("keep_scores", [True, False])
+def test_retrieve_has_the_value_and_gradients_of_eq3_differentiated_through_all_scores(keep_scores):
+    """retrieve picks the top k without a graph and recomputes their scores: the same e'_m and the same
+    gradients, on the mentions and on the entity table, as eq. 3 through the full (N, Z) scores (fp32, 1e-5)."""
+    torch.manual_seed(3)
+    h, e = torch.randn(7, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    w = torch.randn(7, 8)
+    got, scores = retrieve(h, e, 5, keep_scores=keep_scores)
+    assert scores.requires_grad == keep_scores
+    (got * w).sum().backward()
+    got_grads = h.grad.clone(), e.grad.clone()
+    h.grad = e.grad = None
+    want = retrieve_reference(h, e, 5)
+    (want * w).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got_grads[0], h.grad, atol=1e-5) and torch.allclose(got_grads[1], e.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("negatives", [None, 6])
+def test_forward_and_gradients_equal_the_straightforward_kebiolm(negatives):
+    """The whole model against KeBioLM written out plainly (ED on every token, eq. 3 through the full scores,
+    eq. 4 added token by token, eq. 10 exact or sampled): same losses and gradients in fp32 to 1e-5."""
+    from keplm.models.modules import add_losses, run_bert
+
+    m = tiny(el_negatives=negatives, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    b = batch()
+    torch.manual_seed(5)
+    out = m(**b)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+
+    cfg, extra = m.config, {}
+    torch.manual_seed(5)
+
+    def hook(h):
+        target = bio_targets(b["mention_spans"], b["mention_mask"], b["attention_mask"])
+        extra["ed"] = F.cross_entropy(m.detect(h).reshape(-1, 3), target.reshape(-1), ignore_index=-100)
+        out = h.clone()
+        h_proj, gold = [], []
+        for i, j in zip(*b["mention_mask"].nonzero(as_tuple=True)):
+            s, e = b["mention_spans"][i, j].tolist()
+            hp = m.mention_proj(torch.cat([h[i, s], h[i, e - 1]]))
+            add = m.entity_out(retrieve_reference(hp[None], m.entity_emb, cfg.entity_top_k)[0])
+            for t in range(s, e):
+                out[i, t] = out[i, t] + add
+            h_proj.append(hp)
+            gold.append(b["mention_entity"][i, j])
+        h_proj, gold = torch.stack(h_proj), torch.stack(gold)
+        ok = gold >= 0
+        extra["el"] = linking_loss(h_proj[ok], m.entity_emb, gold[ok], m._negatives(h.device))
+        return out
+
+    seq = run_bert(m.bert, b["input_ids"], b["attention_mask"], None, after_layer=cfg.text_layers, hook=hook)
+    _, _, mlm, sop = m.ex_loss(seq, b["labels"], None)
+    want = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_ed, extra["ed"]), (cfg.lambda_el, extra["el"]))
+    want.backward()
+    assert torch.allclose(out.loss, want, atol=1e-5) and torch.allclose(out.el_loss, extra["el"], atol=1e-5)
+    for n, p in m.named_parameters():
+        if p.grad is not None or n in got:
+            assert torch.allclose(got[n], p.grad, atol=1e-5), n
+
+
 def test_sampled_linking_loss_equals_the_exact_one_when_every_entity_is_drawn():
     torch.manual_seed(2)
     h, e = torch.randn(6, 5), torch.randn(20, 5)

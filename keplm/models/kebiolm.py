@@ -81,12 +81,24 @@ def bio_targets(spans: torch.Tensor, span_mask: torch.Tensor, attention_mask: to
     return out.masked_fill(attention_mask == 0, -100)
 
 
-def retrieve(h_proj: torch.Tensor, entity_emb: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """eq. 3: (N, d) projected mentions -> (e'_m (N, d), the scores over all entities (N, Z))."""
-    scores = h_proj @ entity_emb.T
-    top, idx = scores.topk(min(k, scores.size(-1)), dim=-1)
+def retrieve(h_proj: torch.Tensor, entity_emb: torch.Tensor, k: int,
+             keep_scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """eq. 3: (N, d) projected mentions -> (e'_m (N, d), the scores over all entities (N, Z)).
+
+    Which k entities win is a choice, not a function to differentiate: the scores over all Z entities are
+    taken without a graph, and the k winners' scores are recomputed from their embeddings, which carries
+    the same gradient (topk's backward puts it on those k entries only) without the backward of the
+    (N, Z) product: two more N·Z·d GEMMs (as many FLOPs as the forward's, twice) and an (N, Z) gradient
+    that is zero but for the k entries per row.
+    ``keep_scores``: return the scores with their graph (the exact linking loss of eq. 10 needs them);
+    otherwise they come back detached."""
+    with torch.set_grad_enabled(keep_scores and torch.is_grad_enabled()):
+        scores = h_proj @ entity_emb.T
+    idx = scores.detach().topk(min(k, scores.size(-1)), dim=-1).indices
+    chosen = entity_emb[idx]                                                    # (N, k, d)
+    top = torch.einsum("nd,nkd->nk", h_proj, chosen)
     a = torch.softmax(top.float(), dim=-1).to(entity_emb.dtype)
-    return torch.einsum("nk,nkd->nd", a, entity_emb[idx]), scores
+    return torch.einsum("nk,nkd->nd", a, chosen), scores
 
 
 def linking_loss(h_proj: torch.Tensor, entity_emb: torch.Tensor, gold: torch.Tensor, negatives: torch.Tensor | None,
@@ -136,34 +148,37 @@ class KeBioLMForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
         have = mention_spans is not None and mention_mask is not None and bool(mention_mask.any())
         rows = labelled_rows(labels) if self.training else None   # the MLM targets' sync, before the layers run
 
+        # every host-device sync up front, while the device is idle, none between layers
+        target = bio_targets(mention_spans, mention_mask, attention_mask) if mention_spans is not None and \
+            mention_mask is not None else None
+        if have:
+            sel = mention_mask.nonzero(as_tuple=True)                         # (b, j) of every real mention
+            spans, owner_rows = mention_spans[sel], sel[0]
+            t = input_ids.size(1)
+            pos = torch.arange(t, device=input_ids.device)[None, :]
+            n, tok = ((pos >= spans[:, :1]) & (pos < spans[:, 1:2])).nonzero(as_tuple=True)  # mention n covers tok
+            tokens = owner_rows[n] * t + tok
+            gold = mention_entity[sel] if mention_entity is not None else None
+            linked = (gold >= 0).nonzero().squeeze(-1) if gold is not None else None     # the mentions EL trains on
+            linked = linked if linked is not None and linked.numel() else None
+        exact = cfg.el_negatives is None
+
         def hook(h):
             logits = self.detect(h)
-            if mention_spans is not None and mention_mask is not None:
-                target = bio_targets(mention_spans, mention_mask, attention_mask)
+            if target is not None:
                 extra["ed"] = F.cross_entropy(logits.reshape(-1, 3).float(), target.reshape(-1), ignore_index=-100)
             if not have:
                 return h
-            sel = mention_mask.nonzero(as_tuple=True)                         # (b, j) of every real mention
-            spans = mention_spans[sel]
-            rows = sel[0]
-            h_m = torch.cat([h[rows, spans[:, 0]], h[rows, spans[:, 1] - 1]], dim=-1)
+            h_m = torch.cat([h[owner_rows, spans[:, 0]], h[owner_rows, spans[:, 1] - 1]], dim=-1)
             h_proj = self.mention_proj(h_m)
-            e_prime, scores = retrieve(h_proj, self.entity_emb, cfg.entity_top_k)
-            if mention_entity is not None:
-                gold = mention_entity[sel]
-                ok = gold >= 0
-                if ok.any():
-                    extra["el"] = linking_loss(h_proj[ok], self.entity_emb, gold[ok], self._negatives(h.device),
-                                               scores[ok])
+            e_prime, scores = retrieve(h_proj, self.entity_emb, cfg.entity_top_k, keep_scores=exact and linked is not None)
+            if linked is not None:
+                extra["el"] = linking_loss(h_proj[linked], self.entity_emb, gold[linked], self._negatives(h.device),
+                                           scores[linked] if exact else None)
             # eq. 4: add W_e e'_m + b_e to every token of its mention
             add = self.entity_out(e_prime).to(h.dtype)
-            t = h.size(1)
-            pos = torch.arange(t, device=h.device)[None, :]
-            member = (pos >= spans[:, :1]) & (pos < spans[:, 1:2])           # (N, T)
-            delta = torch.zeros_like(h)
-            delta.index_put_((rows[:, None].expand_as(member)[member], pos.expand_as(member)[member]),
-                             add[:, None, :].expand(-1, t, -1)[member], accumulate=True)
-            return h + delta
+            b, _, d = h.shape
+            return h.reshape(-1, d).index_add(0, tokens, add.index_select(0, n)).reshape(b, -1, d)
 
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids, after_layer=cfg.text_layers, hook=hook)
         mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label, rows)
