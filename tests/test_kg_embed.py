@@ -102,7 +102,7 @@ def test_eval_batch_size_reaches_pykeen_and_leaves_the_metrics_as_they_are(umls_
 
     monkeypatch.setattr(RankBasedEvaluator, "evaluate", spy)
     common = ["embed.model=transr", "embed.dim=16", "embed.relation_dim=8", "embed.epochs=2", "embed.batch_size=256",
-              "embed.lr=0.01"]
+              "embed.lr=0.01", "embed.eval_max_triples=200"]
     metrics = {}
     for bs in (7, 500):
         cfg = config.load(None, [*common, f"embed.eval_batch_size={bs}"]).embed
