@@ -145,7 +145,7 @@ install() {
   {
     shopt -s nullglob
     local wheels=("$ROOT"/.whl/*.whl) missing
-    if ((${#wheels[@]})); then
+    if ((${#wheels[@]} && !DRY)); then   # a dry run uses this environment as it is
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" \
         && export PYTHONPATH="$PYTHONPATH:$SITE"
     fi
