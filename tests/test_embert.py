@@ -268,6 +268,37 @@ def test_embert_heads_compose_with_smedbert_on_one_backbone():
     assert torch.allclose(out.loss, sum(parts), atol=1e-5)
 
 
+def test_bem_scored_in_the_mlm_decoders_gemm_equals_its_own_product():
+    """In training the BEM states join the MLM rows in the decoder's GEMM (heads_and_objectives): every loss
+    and every gradient equals eq. 8 as its own product y·Γpᵀ beside the MLM head (fp32, 1e-5)."""
+    from keplm.models.embert import apply_objectives
+    from keplm.models.modules import add_losses, labelled_rows, run_bert
+
+    torch.manual_seed(0)
+    model = KeplmBertForPreTraining(KeplmBertConfig(**TINY, entity_objectives=ALL, hidden_dropout_prob=0.0,
+                                                    attention_probs_dropout_prob=0.0)).train()
+    b = make_model_batch()
+    out = model(**b)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight   # fused: tied
+    seq = run_bert(model.bert, b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    _, _, mlm, sop = model.ex_loss(seq, b["labels"], b["sop_label"], labelled_rows(b["labels"]))
+    heads = model.entity_objectives
+    y, target = heads.bem_inputs(seq, b)
+    bem_alone = F.cross_entropy(y @ model.bert.embeddings.word_embeddings.weight.T, target)
+    terms, losses = apply_objectives(model, seq, {k: v for k, v in b.items() if k != "bem_labels"})
+    want = add_losses((1.0, mlm), (1.0, sop), *terms, (heads.lambdas["bem"], bem_alone))
+    want.backward()
+    assert torch.allclose(out.bem_loss, bem_alone, atol=1e-5) and torch.allclose(out.mlm_loss, mlm, atol=1e-5)
+    assert torch.allclose(out.loss, want, atol=1e-5)
+    assert set(got) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in got:
+            assert torch.allclose(got[n], p.grad, atol=1e-5), n
+
+
 def test_save_and_reload_keeps_the_objectives(tmp_path):
     from transformers import AutoModelForPreTraining
 

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
-from keplm.models.embert import apply_objectives, objectives_for
+from keplm.models.embert import objectives_for
 from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, labelled_rows, make_heads, run_bert
 from keplm.models.smedbert import KnowledgePreTrainingOutput
 
@@ -87,7 +87,7 @@ class KeplmBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
 
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids,
                        after_layer=min(cfg.fusion_layer, cfg.num_hidden_layers), hook=hook)
-        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label, rows)
-        terms, entity_losses = apply_objectives(self, seq, batch)
+        mlm_logits, sop_logits, mlm, sop, terms, entity_losses = self.heads_and_objectives(
+            seq, labels, sop_label, rows, batch)
         return KnowledgePreTrainingOutput(loss=add_losses((1.0, mlm), (1.0, sop), *terms), mlm_loss=mlm, sop_loss=sop,
                                           **entity_losses, mlm_logits=mlm_logits, sop_logits=sop_logits, last_hidden_state=seq)

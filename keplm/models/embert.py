@@ -107,8 +107,20 @@ class EntityObjectives(nn.Module):
         h0 = torch.cat([seq[rows, anchor[:, 0]], seq[rows, anchor[:, 1]], p], dim=-1)       # eq. 7
         return self.bem_ln7(F.gelu(self.bem_w7(self.bem_ln6(F.gelu(self.bem_w6(h0))))))
 
-    def forward(self, seq: torch.Tensor, word_embeddings: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        """-> {name: unweighted loss} for the objectives that have targets in this batch."""
+    def bem_inputs(self, seq: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """BEM's states y (eq. 7) of the batch's masked entity tokens and their targets; None without any.
+        For a model that scores them against the word embeddings in its MLM decoder's GEMM (``bem`` of
+        :meth:`forward`)."""
+        target = batch.get("bem_labels")
+        if "bem" not in self.names or target is None or not bool((target >= 0).any()):
+            return None
+        sel = (target >= 0).nonzero(as_tuple=True)
+        return self.bem_states(seq, sel[0], batch["bem_anchor"][sel], batch["bem_relative"][sel]), target[sel]
+
+    def forward(self, seq: torch.Tensor, word_embeddings: torch.Tensor, batch: dict,
+                bem: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """-> {name: unweighted loss} for the objectives that have targets in this batch. ``bem``: BEM's eq. 8
+        logits (y·Γpᵀ) and targets when the model has already scored :meth:`bem_inputs`."""
         out: dict[str, torch.Tensor] = {}
         n_sent = seq.size(0)
         labels = batch.get("cecp_labels")
@@ -121,12 +133,11 @@ class EntityObjectives(nn.Module):
             sel = seg >= 0                                                 # entity tokens; the rest is ignored
             logits = self.est_logits(seq[sel])
             out["est"] = self.reduce("est", F.cross_entropy(logits.float(), seg[sel], reduction="none"), n_sent)  # eq. 5
-        target = batch.get("bem_labels")
-        if "bem" in self.names and target is not None and bool((target >= 0).any()):
-            sel = (target >= 0).nonzero(as_tuple=True)
-            y = self.bem_states(seq, sel[0], batch["bem_anchor"][sel], batch["bem_relative"][sel])
-            logits = y @ word_embeddings.T                                                      # eq. 8
-            out["bem"] = self.reduce("bem", F.cross_entropy(logits.float(), target[sel], reduction="none"), n_sent)  # eq. 8-9
+        if bem is None and (inputs := self.bem_inputs(seq, batch)) is not None:
+            bem = inputs[0] @ word_embeddings.T, inputs[1]                                       # eq. 8
+        if bem is not None:
+            logits, target = bem
+            out["bem"] = self.reduce("bem", F.cross_entropy(logits.float(), target, reduction="none"), n_sent)  # eq. 8-9
         return out
 
     def reduce(self, name: str, nll: torch.Tensor, n_sent: int) -> torch.Tensor:
@@ -141,12 +152,14 @@ def objectives_for(config) -> EntityObjectives | None:
     return EntityObjectives(config) if setting(config, "entity_objectives") else None
 
 
-def apply_objectives(model, seq: torch.Tensor, batch: dict) -> tuple[list, dict[str, torch.Tensor]]:
-    """The model's entity objectives on its encoder output: (weighted terms for add_losses, {name_loss: value})."""
+def apply_objectives(model, seq: torch.Tensor, batch: dict,
+                     bem: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list, dict[str, torch.Tensor]]:
+    """The model's entity objectives on its encoder output: (weighted terms for add_losses, {name_loss: value});
+    ``bem``: see :meth:`EntityObjectives.forward`."""
     heads = getattr(model, "entity_objectives", None)
     if heads is None:
         return [], {}
-    losses = heads(seq, model.bert.embeddings.word_embeddings.weight, batch)
+    losses = heads(seq, model.bert.embeddings.word_embeddings.weight, batch, bem)
     return heads.weighted(losses), {f"{k}_loss": v for k, v in losses.items()}
 
 

@@ -41,7 +41,7 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
-from keplm.models.embert import apply_objectives, objectives_for
+from keplm.models.embert import objectives_for
 from keplm.models.modules import PreTrainingHeadsMixin, add_losses, copy_into, labelled_rows, make_heads, run_bert
 from keplm.models.smedbert import KnowledgePreTrainingOutput
 
@@ -181,8 +181,8 @@ class KeBioLMForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
             return h.reshape(-1, d).index_add(0, tokens, add.index_select(0, n)).reshape(b, -1, d)
 
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids, after_layer=cfg.text_layers, hook=hook)
-        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label, rows)
-        terms, entity_losses = apply_objectives(self, seq, batch)
+        mlm_logits, sop_logits, mlm, sop, terms, entity_losses = self.heads_and_objectives(
+            seq, labels, sop_label, rows, batch)
         loss = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_ed, extra["ed"]), (cfg.lambda_el, extra["el"]), *terms)
         return KnowledgePreTrainingOutput(loss=loss, mlm_loss=mlm, sop_loss=sop, ed_loss=extra["ed"],
                                           el_loss=extra["el"], **entity_losses, mlm_logits=mlm_logits, sop_logits=sop_logits,

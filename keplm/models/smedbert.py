@@ -50,7 +50,7 @@ from transformers import BertConfig
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.bert.modeling_bert import BertModel, BertPreTrainedModel
 
-from keplm.models.embert import apply_objectives, objectives_for
+from keplm.models.embert import objectives_for
 from keplm.models.modules import (PreTrainingHeadsMixin, SelfAttentivePooling, add_losses, copy_into, gather_spans,
                                   labelled_rows, span_width,
                                   make_heads, masked_softmax, run_bert)
@@ -282,7 +282,8 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
 
         seq = run_bert(self.bert, input_ids, attention_mask, token_type_ids,
                        after_layer=min(cfg.hybrid_layer, cfg.num_hidden_layers), hook=hook)
-        mlm_logits, sop_logits, mlm, sop = self.ex_loss(seq, labels, sop_label, rows)
+        mlm_logits, sop_logits, mlm, sop, terms, entity_losses = self.heads_and_objectives(
+            seq, labels, sop_label, rows, batch)
 
         mnem = mmem = None
         if cfg.use_knowledge_loss and has_mentions:
@@ -292,7 +293,6 @@ class SMedBertForPreTraining(PreTrainingHeadsMixin, BertPreTrainedModel):
                                       negative_ids, log_q_pos, log_q_neg)                # h_mf of eq. 12
             mmem = self.mmem_loss(features, labels, input_ids, mention_spans, mention_mask, width)
 
-        terms, entity_losses = apply_objectives(self, seq, batch)
         loss = add_losses((1.0, mlm), (1.0, sop), (cfg.lambda_mnem, mnem), (cfg.lambda_mmem, mmem), *terms)
         return KnowledgePreTrainingOutput(loss=loss, mlm_loss=mlm, sop_loss=sop, mnem_loss=mnem, mmem_loss=mmem,
                                           **entity_losses, mlm_logits=mlm_logits, sop_logits=sop_logits, last_hidden_state=seq)
