@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_embert import TINY, V, make_model_batch
 from test_kebiolm import batch as kebiolm_batch
 from test_kebiolm import tiny as kebiolm_tiny
