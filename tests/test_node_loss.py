@@ -107,6 +107,12 @@ def test_a_fixed_size_run_that_loses_a_node_says_so_and_fails_within_the_wait(de
         if proc is not None and proc.poll() is None:
             proc.kill()
         cluster.shutdown()
+        # Cluster.shutdown resets this process's module-wide internal-KV client, which the session's Ray (still
+        # connected) and the tests after this one use
+        import ray._private.worker
+        from ray.experimental import internal_kv
+
+        internal_kv._initialize_internal_kv(ray._private.worker.global_worker.gcs_client)
     text = console.read_text()
     lines = text.strip().splitlines()
     assert rc == 3 and took < timeout_s + 30, (rc, took, text[-3000:])

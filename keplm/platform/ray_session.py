@@ -132,9 +132,7 @@ NO_STATE_API_KEY, KEPLM_KV_NAMESPACE = b"no_state_api", b"keplm"
 
 def mark_no_state_api() -> None:
     """Record in this Ray's GCS that it serves no State API (a local Ray started without a dashboard)."""
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(NO_STATE_API_KEY, b"1", namespace=KEPLM_KV_NAMESPACE)
+    _gcs().internal_kv_put(NO_STATE_API_KEY, b"1", True, KEPLM_KV_NAMESPACE)
 
 
 def without_state_api() -> bool:
@@ -143,9 +141,15 @@ def without_state_api() -> bool:
     listens there on this host: a second Ray's dashboard answers that the train controller does not exist, and
     Ray Train's placement-group cleaner then removes a live run's placement group (its workers die). Only keplm
     knows that its own local Ray has no dashboard."""
-    from ray.experimental import internal_kv
+    return _gcs().internal_kv_get(NO_STATE_API_KEY, KEPLM_KV_NAMESPACE) is not None
 
-    return internal_kv._internal_kv_get(NO_STATE_API_KEY, namespace=KEPLM_KV_NAMESPACE) is not None
+
+def _gcs():
+    """This process's own GCS client. Not ``ray.experimental.internal_kv``'s module-wide one, which a
+    ``ray.cluster_utils.Cluster`` shut down in the same process resets while this process stays connected."""
+    import ray._private.worker
+
+    return ray._private.worker.global_worker.gcs_client
 
 
 def _job_setup_hook() -> str | None:
