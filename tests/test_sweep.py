@@ -188,6 +188,13 @@ def test_an_interrupted_sweep_is_recorded_as_such_and_its_resume_finishes_it(tmp
     assert p.info.status == "FINISHED" and "keplm.interrupted" not in p.data.tags
     assert config.load(out / "best_config.yaml").batches.k == 20
 
+    # b logged a later objective to MLflow than Tune's last result for it (stopped between its log and its
+    # report): the summary ranks by what MLflow holds, as the user comparing the child runs does
+    client.log_metric(runs["b"], "val_mlm_loss", 5.5, step=6)
+    summary = finish(*args, unfinished=None)
+    assert summary["best_trial"] == "b" and summary["best_value"] == pytest.approx(5.5)
+    assert config.load(out / "best_config.yaml").batches.k == 5
+
 
 # ------------------------------------------------------------------ compare arithmetic
 

@@ -185,8 +185,14 @@ def finish(cfg, out: Path, job: str, grid, client, parent: str, base: dict, mode
     # for every step it ran
     reached = {r.data.tags.get("keplm.trial_id"): int(r.data.metrics.get("step", 0)) for r in children}
     run_ids = {r.data.tags.get("keplm.trial_id"): r.info.run_id for r in children}
+    # the objective as the trial's MLflow run holds it: a trial logs it there just before it reports to Tune,
+    # so a trial the scheduler stops in between has a later value than Tune's last result (the one the user
+    # sees in MLflow, and ranks by)
+    logged = {r.data.tags.get("keplm.trial_id"): r.data.metrics.get(metric) for r in children}
     for t in trials:
         t["steps"] = reached.get(t["trial_id"], t["steps"])
+        if logged.get(t["trial_id"]) is not None:
+            t[metric] = logged[t["trial_id"]]
         t["steps_run"] = (len(client.get_metric_history(run_ids[t["trial_id"]], "step"))
                           if t["trial_id"] in run_ids else t["steps"])
     ok = [t for t in trials if t["error"] is None and t[metric] is not None]
