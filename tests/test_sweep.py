@@ -74,6 +74,18 @@ def test_ablation_overrides_set_variant_and_seed():
     assert trial_overrides({"variant": "ernie", "seed": 0}, "smedbert")[0]["model.kind"] == "ernie"
 
 
+def test_an_ablation_builds_stages_only_for_the_kinds_its_variants_train():
+    from keplm.tuning.space import ABLATION_GRIDS
+    from keplm.tuning.sweep import kinds_in
+
+    cfg = config.load(ROOT / "configs" / "sweep-demo.yaml")          # model.kind smedbert
+    grid = ABLATION_GRIDS["smedbert"]
+    assert kinds_in(cfg, [grid["mlm"]], with_base=False) == {"mlm"}        # no PEPR / TransR for a plain MLM
+    assert kinds_in(cfg, [grid["-type_att"], grid["ernie"]], with_base=False) == {"smedbert", "ernie"}
+    # a sweep keeps the base kind: a point of its search may leave model.kind as it is
+    assert kinds_in(cfg, [{"model.kind": "mlm"}]) == {"mlm", "smedbert"} and kinds_in(cfg, []) == {"smedbert"}
+
+
 def test_a_resumed_trial_reuses_its_mlflow_run(tmp_path):
     from keplm.tuning.trainable import resumed_run
 

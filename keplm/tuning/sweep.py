@@ -38,8 +38,11 @@ class SweepInterrupted(KeplmError):
     exit_code = 130  # the shell's code for "ended by SIGINT"
 
 
-def kinds_in(cfg, space_points: list[dict[str, Any]]) -> set[str]:
-    return {p.get("model.kind", cfg.model.kind) for p in space_points} | {cfg.model.kind}
+def kinds_in(cfg, space_points: list[dict[str, Any]], *, with_base: bool = True) -> set[str]:
+    """The model kinds whose stages the trials need: each point's ``model.kind`` (the base kind where it sets none),
+    and the base kind itself when ``with_base`` (a sweep's search may leave any point at the base config)."""
+    kinds = {p.get("model.kind", cfg.model.kind) for p in space_points}
+    return kinds | {cfg.model.kind} if with_base or not kinds else kinds
 
 
 def sweep_key(cfg) -> dict:
@@ -321,7 +324,7 @@ def ablate(cfg, out: Path, tracking_uri: str, model: str, command: str | None = 
     started = time.time()
     summary = run_tune(cfg, out, "ablate", space, metric=metric, mode="min" if metric.endswith("loss") else "max",
                        num_samples=1, max_concurrent=sc.max_concurrent, model=model,
-                       kinds=kinds_in(cfg, [grid[v] for v in variants]), tracking_uri=tracking_uri,
+                       kinds=kinds_in(cfg, [grid[v] for v in variants], with_base=False), tracking_uri=tracking_uri,
                        proxy_task=proxy, objective=metric, eval_tasks=eval_tasks)
     if cfg.ablate.report_dir:
         summary["report"] = write_report(cfg, summary, tracking_uri, started, model, command, config_path)
