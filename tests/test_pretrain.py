@@ -183,6 +183,35 @@ def test_prefetcher_raises_the_threads_error_and_stops_when_closed_early():
     assert not endless._thread.is_alive()
 
 
+def _two_rank_means(rank: int, init: str, dest: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from keplm.models.smedbert import KnowledgePreTrainingOutput
+    from keplm.platform.train_loop import loss_names, mean_over_ranks
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    # rank 1's batch had no entity mention: no mention terms in its output
+    out = KnowledgePreTrainingOutput(loss=torch.tensor(2.0 + rank), mlm_loss=torch.tensor(1.0 + rank),
+                                     mnem_loss=torch.tensor(4.0) if rank == 0 else None)
+    sums = {k: v for k, v in out.items() if k.endswith("loss") and v is not None}
+    means = mean_over_ranks(sums, loss_names(out), torch.device("cpu"))
+    torch.save(means, f"{dest}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_terms_only_some_ranks_have_are_averaged_over_those_ranks(tmp_path):
+    """A term one rank's batch lacks (no mention in it) leaves every rank's reduced vector the same length:
+    before, the shorter vector made gloo abort the run; the term's mean is over the ranks that had it."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_means, args=(f"file://{tmp_path / 'rdzv'}", str(tmp_path / "means")), nprocs=2)
+    for rank in (0, 1):
+        means = torch.load(tmp_path / f"means.{rank}")
+        assert means == pytest.approx({"loss": 2.5, "mlm_loss": 1.5, "mnem_loss": 4.0})
+
+
 def test_compile_blocks_compiles_each_encoder_layer_and_keeps_the_state_dict():
     from keplm.models import KeplmBertConfig, KeplmBertForPreTraining
 

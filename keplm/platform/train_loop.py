@@ -425,6 +425,32 @@ def worker_rows(files: list[str], world: int, rank: int) -> tuple[int, int]:
     return total * rank // world, total * (rank + 1) // world
 
 
+def loss_names(out) -> list[str]:
+    """The loss terms a model's output can hold: its dataclass fields named ``*loss`` (the same on every rank,
+    whichever terms this rank's batch produced), else the terms it holds."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(out):
+        return sorted(f.name for f in dataclasses.fields(out) if f.name.endswith("loss"))
+    return sorted(k for k in out if k.endswith("loss"))
+
+
+def mean_over_ranks(sums: dict[str, Any], names: list[str], device) -> dict[str, float]:
+    """Each term's mean over the ranks whose batches produced it (a batch without entity mentions has no
+    mention loss). Every rank reduces the same vector, a sum and a count per name in ``names``: a vector of
+    each rank's own terms would differ in length between ranks, which gloo aborts on (NCCL would hang)."""
+    import torch
+
+    zero = torch.zeros((), device=device)
+    names = sorted(set(names) | set(sums)) if not torch.distributed.is_initialized() else names
+    vec = torch.stack([*(sums.get(k, zero).float() for k in names),
+                       *(torch.ones((), device=device) if k in sums else zero for k in names)]) if names else zero[None]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(vec)
+    total, count = vec[:len(names)].tolist(), vec[len(names):].tolist()
+    return {k: t / c for k, t, c in zip(names, total, count) if c > 0}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function; ``config`` carries the TrainConfig dump, files, build and tracking."""
     import numpy as np
@@ -644,11 +670,7 @@ def train_loop_per_worker(config: dict) -> None:
             opt.zero_grad(set_to_none=True)
             step += 1
             # every worker's loss terms, averaged: what the step optimised
-            vec = torch.stack([sums[k] for k in sorted(sums)]) if sums else torch.zeros(0, device=device)
-            if world > 1 and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(vec)
-                vec /= world
-            last = {k: float(v) for k, v in zip(sorted(sums), vec.tolist())}
+            last = mean_over_ranks(sums, loss_names(out), device)
             sums = {}
             elapsed = time.perf_counter() - t_window
             tok_s = tokens_window * world / max(elapsed, 1e-9)
