@@ -272,6 +272,10 @@ def test_two_worker_run_trains_logs_and_checkpoints(chain):
     # length-grouped batches (train.length_group_batches): random batches of 4 would pad ~26 % of the demo
     padding = [m.value for m in client.get_metric_history(run.info.run_id, "padding_fraction")]
     assert len(padding) == 12 and sum(padding) / 12 < 0.05
+    # where the workers ran (one local node here) and how many each step had
+    nodes = json.loads(run.data.tags["keplm.worker_nodes"])
+    assert len(nodes) == 2 and len(set(nodes)) == 1 and "train: 2 workers on 1 node" in r.stdout
+    assert {m.value for m in client.get_metric_history(run.info.run_id, "workers")} == {2}
     log = (out / "logs" / "keplm.log").read_text(encoding="utf-8")   # Ray's and the workers' lines, off the console
     assert "Reporting training result" in log
     assert "mfu': 1." not in log and "mfu': 2." not in log   # no rank's report claims over 100 %

@@ -745,6 +745,12 @@ class PEPRWorker:
         torch.set_num_threads(max(1, int(cfg.actor_num_cpus)))
         self.cfg = cfg
 
+    def node(self) -> str:
+        """The id of the Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def load(self, indptr, indices, data, edge_relation, edge_inverse, degree, v0, g, floors) -> None:
         """The graph and what the driver solved once (g, the spectral floors); a separate call so the actor's
         start (a process, torch's import) overlaps the driver's work."""
@@ -804,8 +810,11 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
     seeds = select_seeds(graph, cfg.seeds) if seeds is None else np.asarray(seeds)
     a = graph.adjacency
     v0 = initial_vector(graph.freq, num_samples, graph.num_entities)
-    actor_cls = ray.remote(num_cpus=cfg.actor_num_cpus)(PEPRWorker)
+    # SPREAD: one actor per node before a second on any, so a cluster's nodes each solve with their own cores
+    # and memory rather than two actors sharing one node while another idles
+    actor_cls = ray.remote(num_cpus=cfg.actor_num_cpus, scheduling_strategy="SPREAD")(PEPRWorker)
     actors = [actor_cls.remote(cfg) for _ in range(cfg.num_actors)]   # they start while the driver works
+    nodes = [actor.node.remote() for actor in actors]   # answered first by each actor, read at the end
     try:   # the actors go when this ends, also on an error (a solve that does not converge)
         g = floors = None
         if cfg.method == "cg":  # solved once here, not once per actor
@@ -830,6 +839,9 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
             counts["solve_wall_seconds"] = time.perf_counter() - start
             counts["solves"] = int(len(seeds))
             table = pa.concat_tables(tables) if tables else NEIGHBOURS_SCHEMA.empty_table()
+        nodes = ray.get(nodes)
+        log.info("neighbours: %d actor%s on %d node%s (%s)", len(actors), "s" * (len(actors) > 1), len(set(nodes)),
+                 "s" * (len(set(nodes)) > 1), ", ".join(sorted(set(nodes))))
     finally:
         for actor in actors:
             ray.kill(actor)

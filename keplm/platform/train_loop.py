@@ -35,6 +35,7 @@ compares like with like), and the workers' mean ``mlm_loss`` is reported as ``va
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -75,6 +76,10 @@ class TrainConfig(Section):
         600.0, gt=0, description="keplm pretrain: how long a worker group may wait for its workers' resources (a "
         "lost node's worker, a cluster too small) before the run fails with one line and exit code 3; rerunning the "
         "same command resumes. Long enough by default for an autoscaler to replace a node")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers on the nodes (Ray Train's ScalingConfig): PACK fills a node "
+        "before the next, SPREAD puts them on as many nodes as it can, STRICT_* or not at all. The nodes each rank ran "
+        "on are the MLflow tag keplm.worker_nodes")
     log_every: int = Field(10, ge=1, description="optimizer steps between metric logs")
     storage_path: str | None = Field(None, description="checkpoint storage: a path or a URI Ray supports "
                                                        "(s3://, gs://, an NFS path); unset: OUTPUT/ray_train")
@@ -557,6 +562,13 @@ def train_loop_per_worker(config: dict) -> None:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    # where the group runs, said once per start (a restart after a lost node may land elsewhere)
+    nodes = gather(ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        log.info("train: %d worker%s on %d node%s", world, "s" * (world > 1), len(set(nodes)), "s" * (len(set(nodes)) > 1))
+        if tracker is not None:
+            tracker.set_tag(config["run_id"], "keplm.worker_nodes", json.dumps(nodes))
+
     val_files: list[str] = config.get("val_files") or []
 
     def validate() -> float:
@@ -622,7 +634,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["final"] = final
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    last: dict[str, float] = {"step": step, "rows_skipped_for_balance": skipped}
+    last: dict[str, float] = {"step": step, "rows_skipped_for_balance": skipped, "workers": world}
     start_step, pause_at = step, set(cfg.pause_at_steps)
     t_window, tokens_window, slots_window, samples_window = time.perf_counter(), 0, 0, 0
     t_start = time.perf_counter()
@@ -677,7 +689,7 @@ def train_loop_per_worker(config: dict) -> None:
             last.update(rows_skipped_for_balance=skipped, step=step, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=tok_s,
                         samples_per_s=samples_window * world / max(elapsed, 1e-9),
                         mfu=tok_s / world * n_flops / peak, epoch=epoch,
-                        padding_fraction=1 - tokens_window / max(slots_window, 1))
+                        padding_fraction=1 - tokens_window / max(slots_window, 1), workers=world)
             if diagnostics:
                 last.update({f"grad_norm/{k}": v for k, v in diagnostics.items()}, peak_tflops=peak / 1e12)
                 warning = imbalance_warning(diagnostics, cfg.diagnostics_max_ratio)
@@ -799,7 +811,8 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
                            "tracking_uri": tracking_uri, "run_id": run_id, "seq_len": seq_len,
                            "fault_marker": str(Path(out_dir).resolve() / "fault_injected"), "val_files": val_files or []},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage, callbacks=[*(callbacks or []), *notice] or None,
                              # bounded: one start attempt of at most resources_timeout_s, then the run fails
                              failure_config=FailureConfig(max_failures=cfg.max_failures,
