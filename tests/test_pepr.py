@@ -124,6 +124,22 @@ def test_actor_pool_matches_in_process_solver(ray_local, tmp_path):
     assert (tmp_path / "nb" / "entities.parquet").is_file() and (tmp_path / "nb" / "relations.parquet").is_file()
 
 
+@pytest.mark.slow
+def test_an_actor_that_dies_mid_run_is_restarted_and_the_neighbours_stay_whole(ray_local, tmp_path):
+    """An actor's process exits at its first call (as on a lost node): Ray restarts it, the restarted actor loads
+    the graph from the call's refs and answers the retried call; the neighbours equal an undisturbed run's."""
+    build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
+    g = load_graph(tmp_path / "g")
+    base = dict(num_actors=2, batch_size=16, k_max=10, tol=1e-9, actor_num_cpus=0.5)   # the default cover solve
+    calm, calm_counts = compute_neighbours(g, PEPRConfig(**base))
+    hit, hit_counts = compute_neighbours(g, PEPRConfig(**base, fault_at_call=1))
+    assert calm_counts["actor_restarts"] == 0 and hit_counts["actor_restarts"] == 1
+    assert hit.equals(calm) and hit_counts["rows"] == calm_counts["rows"]
+    # without restarts the dead actor's calls fail the stage: one clear error, never a partial table
+    with pytest.raises(Exception, match="died|ActorDied|actor"):
+        compute_neighbours(g, PEPRConfig(**base, fault_at_call=1, actor_restarts=0))
+
+
 def test_block_size_fits_the_cache_budget(ray_local, tmp_path):
     # six dense n x B arrays per block: 1 MiB over 6 * 1000 entities * 8 bytes = 21 float64 seeds, 43 float32
     assert block_seeds(PEPRConfig(block_mib=1), 1000) == 21

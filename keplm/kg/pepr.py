@@ -61,6 +61,7 @@ Output (schema version 1): ``neighbours.parquet`` with ``entity``, ``rank`` (0-b
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -118,6 +119,10 @@ class PEPRConfig(Section):
                                                                         "halves memory traffic, needs tol >= 1e-5")
     seeds: Literal["auto", "all", "linked"] = Field(
         "auto", description="auto: entities linked in the corpus when the graph has frequencies, else all")
+    actor_restarts: int = Field(3, ge=0, description="times Ray restarts an actor whose process or node died; its "
+                                                     "calls in flight are retried there, so the output stays whole")
+    fault_at_call: int | None = Field(None, ge=1, description="fault injection (tests): the actor serving its N-th "
+                                                              "call exits once, before answering")
 
     @model_validator(mode="after")
     def _float32_precision(self):
@@ -738,12 +743,32 @@ def top_k_neighbours(a: sp.csr_matrix, edge_relation: np.ndarray, edge_inverse: 
 class PEPRWorker:
     """One actor: holds the graph (zero-copy numpy views of the object store) and solves seed blocks."""
 
-    def __init__(self, cfg: PEPRConfig):
+    def __init__(self, cfg: PEPRConfig, fault_marker: str | None = None):
         # one actor per core: its products (torch's CSR kernel) get the threads of the CPUs it holds
         import torch
 
         torch.set_num_threads(max(1, int(cfg.actor_num_cpus)))
         self.cfg = cfg
+        self.fault_marker, self.calls = fault_marker, 0
+        import ray
+
+        # which process answers, and whether Ray restarted this actor (counted as actor_restarts)
+        ctx = ray.get_runtime_context()
+        self.process = (f"{ctx.get_node_id()}:{os.getpid()}", ctx.was_current_actor_reconstructed)
+        self.solver = None
+
+    def _start_call(self, graph: tuple) -> None:
+        """Every call carries the graph's object refs: an actor Ray restarted (its process or node died) starts
+        empty, loads them here and answers the retried call the same."""
+        self.calls += 1
+        if self.fault_marker and self.calls == self.cfg.fault_at_call:
+            try:   # once per run, whichever actor gets there first; the restarted one gets past it
+                os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
+                os._exit(1)
+            except FileExistsError:
+                pass
+        if self.solver is None:
+            self.load(*graph)
 
     def node(self) -> str:
         """The id of the Ray node this actor runs on."""
@@ -760,14 +785,13 @@ class PEPRWorker:
         self.edge_relation, self.edge_inverse = edge_relation, edge_inverse
         self.solver = PEPRSolver(self.a, degree, cfg, v0=v0, g=g, floors=floors)
 
-    def set_cover(self, needed, rev, in_cover) -> None:
-        self.needed, self.rev, self.in_cover = needed, rev, in_cover
-
-    def run_cover(self, solved: np.ndarray, read_scale: np.ndarray, block: int
+    def run_cover(self, solved: np.ndarray, read_scale: np.ndarray, block: int, needed, rev, in_cover, *graph
                   ) -> tuple[np.ndarray, np.ndarray, list[int], float]:
         """Solve R e_v for cover entities, ``block`` at a time; -> the needed entries they serve, R[t, m] there,
         and each block's iterations."""
         t0 = time.perf_counter()
+        self._start_call(graph)
+        self.needed, self.rev, self.in_cover = needed, rev, in_cover
         tol = y_tolerance(self.cfg.tol, self.cfg.alpha, self.solver.n)
         pos, val, iters = [], [], []
         for i in range(0, len(solved), block):
@@ -777,10 +801,11 @@ class PEPRWorker:
             pos.append(p)
             val.append(v)
             iters.append(it)
-        return np.concatenate(pos), np.concatenate(val), iters, time.perf_counter() - t0
+        return np.concatenate(pos), np.concatenate(val), iters, time.perf_counter() - t0, self.process
 
-    def run(self, seeds: np.ndarray, block: int) -> tuple[pa.Table, list[int], float]:
+    def run(self, seeds: np.ndarray, block: int, *graph) -> tuple[pa.Table, list[int], float]:
         t = time.perf_counter()
+        self._start_call(graph)
         tables, iters = [], []
         for i in range(0, len(seeds), block):
             part = seeds[i:i + block]
@@ -790,7 +815,7 @@ class PEPRWorker:
             tables.append(top_k_neighbours(self.a, self.edge_relation, self.edge_inverse, part, scores,
                                            self.cfg.k_max))
             iters.append(self.solver.iterations[-1])
-        return pa.concat_tables(tables), iters, time.perf_counter() - t
+        return pa.concat_tables(tables), iters, time.perf_counter() - t, self.process
 
 
 def select_seeds(graph: Graph, mode: str) -> np.ndarray:
@@ -812,8 +837,14 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
     v0 = initial_vector(graph.freq, num_samples, graph.num_entities)
     # SPREAD: one actor per node before a second on any, so a cluster's nodes each solve with their own cores
     # and memory rather than two actors sharing one node while another idles
-    actor_cls = ray.remote(num_cpus=cfg.actor_num_cpus, scheduling_strategy="SPREAD")(PEPRWorker)
-    actors = [actor_cls.remote(cfg) for _ in range(cfg.num_actors)]   # they start while the driver works
+    actor_cls = ray.remote(num_cpus=cfg.actor_num_cpus, scheduling_strategy="SPREAD", max_restarts=cfg.actor_restarts,
+                           max_task_retries=cfg.actor_restarts)(PEPRWorker)
+    fault_marker = None
+    if cfg.fault_at_call:
+        import tempfile
+
+        fault_marker = os.path.join(tempfile.mkdtemp(prefix="keplm-pepr-fault-"), "fault_injected")
+    actors = [actor_cls.remote(cfg, fault_marker) for _ in range(cfg.num_actors)]   # they start while the driver works
     nodes = [actor.node.remote() for actor in actors]   # answered first by each actor, read at the end
     try:   # the actors go when this ends, also on an error (a solve that does not converge)
         g = floors = None
@@ -828,14 +859,14 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
         tables, counts = [], Counter()
         bs = block_seeds(cfg, graph.num_entities)
         if cfg.method == "cg" and cfg.solve == "cover":
-            table = _cover_neighbours(graph, cfg, seeds, g, actors, loaded, counts, bs)
+            table = _cover_neighbours(graph, cfg, seeds, g, actors, loaded, counts, bs, refs)
         else:
             ray.get(loaded)
             start = time.perf_counter()
-            for table, iters, secs in pipelined_calls(actors, lambda actor, part: actor.run.remote(part, bs),
+            for table, iters, secs, process in pipelined_calls(actors, lambda actor, part: actor.run.remote(part, bs, *refs),
                                                       call_groups(seeds, bs, cfg), depth=CALL_DEPTH):
                 tables.append(table)
-                _count_call(counts, iters, secs)
+                _count_call(counts, iters, secs, process)
             counts["solve_wall_seconds"] = time.perf_counter() - start
             counts["solves"] = int(len(seeds))
             table = pa.concat_tables(tables) if tables else NEIGHBOURS_SCHEMA.empty_table()
@@ -845,8 +876,12 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
     finally:
         for actor in actors:
             ray.kill(actor)
+        if fault_marker:
+            shutil.rmtree(os.path.dirname(fault_marker), ignore_errors=True)
     table = table.sort_by([("entity", "ascending"), ("rank", "ascending")])
     deg = graph.degree[seeds]
+    # actors Ray restarted (a process or node that died) whose new process then served calls
+    counts["actor_restarts"] = sum(restarted for _, restarted in counts.pop("processes", ()))
     counts.update({
         "block_seeds": bs,
         "seeds": int(len(seeds)),
@@ -861,7 +896,8 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
     return table, counts
 
 
-def _count_call(counts: Counter, iters: list[int], secs: float) -> None:
+def _count_call(counts: Counter, iters: list[int], secs: float, process: tuple[str, bool]) -> None:
+    counts.setdefault("processes", set()).add(process)
     counts["calls"] += 1
     counts["blocks"] += len(iters)
     counts["iterations_max"] = max(counts["iterations_max"], *iters)
@@ -870,7 +906,7 @@ def _count_call(counts: Counter, iters: list[int], secs: float) -> None:
 
 
 def _cover_neighbours(graph: Graph, cfg: PEPRConfig, seeds: np.ndarray, g: np.ndarray, actors, loaded,
-                      counts: Counter, bs: int) -> pa.Table:
+                      counts: Counter, bs: int, graph_refs: list) -> pa.Table:
     import ray
 
     a, degree, n = graph.adjacency, graph.degree, graph.num_entities
@@ -885,16 +921,16 @@ def _cover_neighbours(graph: Graph, cfg: PEPRConfig, seeds: np.ndarray, g: np.nd
     # tight solves together: a block runs until its slowest column converges
     cover = cover[np.argsort(-scales[cover], kind="stable")]
     refs = [ray.put(x) for x in (needed, rev, in_cover)]
-    ray.get(loaded + [actor.set_cover.remote(*refs) for actor in actors])
+    ray.get(loaded)
     value = np.full(a.nnz, np.nan)
 
     def call(actor, part):
-        return actor.run_cover.remote(part, scales[part], bs)
+        return actor.run_cover.remote(part, scales[part], bs, *refs, *graph_refs)
 
     start = time.perf_counter()
-    for pos, val, iters, secs in pipelined_calls(actors, call, call_groups(cover, bs, cfg), depth=CALL_DEPTH):
+    for pos, val, iters, secs, process in pipelined_calls(actors, call, call_groups(cover, bs, cfg), depth=CALL_DEPTH):
         value[pos] = val
-        _count_call(counts, iters, secs)
+        _count_call(counts, iters, secs, process)
     counts["solve_wall_seconds"] = time.perf_counter() - start
     if np.isnan(value[needed]).any():   # the cover left an edge unserved: a bug, never silent
         raise RuntimeError(f"PEPR cover: {int(np.isnan(value[needed]).sum())} needed entries unsolved")
