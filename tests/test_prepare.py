@@ -79,6 +79,26 @@ def test_demo_prepare_with_two_workers(ray_local, tmp_path):
     assert "http" not in text and "<p>" not in text and "@" not in text
 
 
+@pytest.mark.slow
+def test_a_linking_actor_that_dies_has_its_batch_retried_and_the_output_is_whole(ray_local, demo_prepared, tmp_path,
+                                                                                  caplog):
+    """A linking actor exits after writing its first batch's files and before reporting them (as on a lost node):
+    Ray Data restarts it and retries the batch, which rewrites the same files. The output equals an undisturbed
+    run's, file for file, with the same counts."""
+    out = tmp_path / "hit"
+    with caplog.at_level("WARNING", logger="keplm"):
+        counts = prepare(out, ["prepare.fault_at_batch=1"])
+    assert "a linking actor exited after batch 1" in caplog.text
+    calm = read_manifest(demo_prepared, "prepare")["counts"]
+    assert counts == calm
+    names = sorted(f.name for f in (out / "shards").glob("*.parquet"))
+    assert names == sorted(f.name for f in (demo_prepared / "shards").glob("*.parquet"))
+    for name in names:
+        assert pq.read_table(out / "shards" / name).equals(pq.read_table(demo_prepared / "shards" / name)), name
+    assert not (out / "fault_injected").exists()
+    check_outputs(out, DEMO / "kg", 128)
+
+
 def test_corrupted_corpus_is_counted_not_raised(ray_local, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -84,6 +84,9 @@ class PrepareConfig(Section):
                                                     "split at sentence ends")
     tokenizer: str | None = Field(None, description="vocab.txt or tokenizer dir; unset: train one")
     num_workers: int = Field(2, ge=1, description="actors that clean, link, tokenise and write the shards")
+    fault_at_batch: int | None = Field(None, ge=1, description="fault injection (tests): the linking actor serving "
+                                                               "its N-th batch exits once, after writing its files "
+                                                               "and before reporting them")
     batch_size: int = Field(256, ge=1, description="documents per linking-actor batch; each batch writes one shard file")
     read_batch_rows: int = Field(1000, ge=1, description="documents per batch a read task yields")
     block_kb: int = Field(1024, ge=1, description="target Ray Data block size between read and link")
@@ -146,8 +149,10 @@ class LinkAndTokenize:
     """
 
     def __init__(self, linker: EntityLinker, tokenizer_json: str, max_seq_len: int, clean_kwargs: dict,
-                 out_dir: str):
+                 out_dir: str, fault_at_batch: int | None = None, fault_marker: str | None = None):
         import os
+
+        self.fault_at_batch, self.fault_marker, self.batches = fault_at_batch, fault_marker, 0
 
         # one core per worker: the Rust tokenizer would otherwise spread every batch over all cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -201,6 +206,15 @@ class LinkAndTokenize:
             freq.update(m["entity"] for r in kept for m in r["mentions"])
             c["mentions"] = sum(freq.values())
             c["shard_files"] = 1
+        self.batches += 1
+        if self.fault_marker and self.batches == self.fault_at_batch:
+            import os
+
+            try:   # once per run: the batch's files are written, its counts never reported; Ray Data retries it
+                os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
+                os._exit(1)
+            except FileExistsError:
+                pass
         return pa.table({
             "counts": [json.dumps(c)],
             "freq_entity": pa.array([list(freq)], pa.list_(pa.int32())),
@@ -347,7 +361,9 @@ def _run_prepare(cfg: PrepareConfig, out: Path, config_dump: dict) -> dict:
         compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
         num_cpus=cfg.actor_num_cpus,
         fn_constructor_kwargs=dict(linker=linker, tokenizer_json=str(tok_dir / "tokenizer.json"),
-                                   max_seq_len=cfg.max_seq_len, clean_kwargs=_clean_kwargs(cfg), out_dir=str(out)),
+                                   max_seq_len=cfg.max_seq_len, clean_kwargs=_clean_kwargs(cfg), out_dir=str(out),
+                                   fault_at_batch=cfg.fault_at_batch,
+                                   fault_marker=str(out / "fault_injected") if cfg.fault_at_batch else None),
     )
     c: Counter = Counter()
     freq: Counter = Counter()
@@ -362,6 +378,10 @@ def _run_prepare(cfg: PrepareConfig, out: Path, config_dump: dict) -> dict:
             c.update(json.loads(counts_json))
             freq.update(dict(zip(ents, ns)))
     log.info("prepare: first linked batch after %.1fs, all after %.1fs", first or 0, time.perf_counter() - t0)
+    if cfg.fault_at_batch and (out / "fault_injected").exists():
+        (out / "fault_injected").unlink()   # not part of the output
+        log.warning("prepare: fault injection: a linking actor exited after batch %d; its batch was retried",
+                    cfg.fault_at_batch)
 
     written = sum(pq.read_metadata(f).num_rows for f in (out / "shards").glob("*.parquet"))
     if written != c["segments"]:  # two batches with the same doc ids (e.g. one file given twice)
