@@ -268,7 +268,9 @@ def demo_sweep(tmp_path_factory, mlflow_server):
         "extends": str(ROOT / "configs" / "sweep-demo.yaml"),
         "tracking": {"uri": mlflow_server, "experiment": "sweep-test"},
         "train": {"max_steps": 6, "checkpoint_every": 3},
-        "sweep": {"num_samples": 4, "space": space, "points_to_evaluate": [forced]}}, allow_unicode=True))
+        # one rerun of a failed trial (sweep.max_failures): the unfillable batch fails again, and counts once
+        "sweep": {"num_samples": 4, "space": space, "points_to_evaluate": [forced], "max_failures": 1}},
+        allow_unicode=True))
     r = keplm("sweep", "--config", cfg, "--output", out / "run")
     return out / "run", r, mlflow_server
 

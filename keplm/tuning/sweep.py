@@ -52,7 +52,9 @@ def sweep_key(cfg) -> dict:
     from keplm.models.pipeline import computed_train_section
 
     dump = {k: v for k, v in dump_config(cfg).items() if k != "ray"}
-    return {**dump, "train": computed_train_section(dump)}
+    # how often a lost trial is rerun is how the sweep is carried out, not what it computes
+    sweep = {k: v for k, v in dump.get("sweep", {}).items() if k != "max_failures"}
+    return {**dump, "sweep": sweep, "train": computed_train_section(dump)}
 
 
 def _parent_run(client, cfg, out: Path, job: str, params: dict, key: str, key_parts: dict, tracking_uri: str) -> str:
@@ -125,7 +127,7 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
             # Tune's status tables off (verbose=0): the console gets TrialEvents' lines, and Tune's log the log file
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                       callbacks=[TrialEvents(metric, cfg.train.max_steps, scheduler is not None)],
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+                                      failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures, fail_fast=False)))
         log.info("%s: %d trial(s), at most %d at a time; objective %s (%s)", job,
                  expected_trials(num_samples, param_space), max_concurrent, metric,
                  "lowest best" if mode == "min" else "highest best")
