@@ -77,6 +77,16 @@ def demo_stages(demo_prepared, tmp_path_factory):
     return root
 
 
+def job_in_process(module: str, argv: list, capsys) -> tuple[int, str]:
+    """``python -m keplm.jobs.<module> argv`` run in this process (its ``main``, what the command line runs)
+    -> (exit code, stderr). For the jobs' argument and input checks, where a subprocess adds only start-up."""
+    import importlib
+
+    capsys.readouterr()
+    rc = importlib.import_module(f"keplm.jobs.{module}").main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
 def run_pretrain(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``keplm pretrain --config configs/demo.yaml --output OUT`` with :data:`DEMO_TINY` and ``args`` (flags and
     overrides), as a user runs it: a subprocess, stdout and stderr into one pipe. Both ``.stdout`` and ``.stderr``

@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+from conftest import job_in_process as job
 
 # --- checkpoints: state.pt is read with weights_only=True ------------------------------------------------------
 
@@ -185,15 +186,6 @@ def test_the_linker_never_raises_on_random_unicode():
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
-
-
-def job(module: str, argv: list[str], capsys) -> tuple[int, str]:
-    """Run ``python -m keplm.jobs.<module> argv`` in this process -> (exit code, stderr)."""
-    import importlib
-
-    capsys.readouterr()
-    rc = importlib.import_module(f"keplm.jobs.{module}").main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
 
 
 def one_error_line(err: str, job_name: str) -> str:

@@ -437,13 +437,9 @@ def test_a_resumed_run_counts_its_invocations_and_tags_the_values_its_params_can
 
 def pretrain_in_process(capsys, out, *args) -> tuple[int, str]:
     """The pretrain job's ``main`` in this process (what the command line runs) -> (exit code, last stderr line)."""
-    from conftest import REPO
+    from conftest import REPO, job_in_process
 
-    from keplm.jobs import pretrain as job
-
-    capsys.readouterr()
-    rc = job.main(["--config", str(REPO / "configs" / "demo.yaml"), "--output", str(out), *args])
-    err = capsys.readouterr().err
+    rc, err = job_in_process("pretrain", ["--config", REPO / "configs" / "demo.yaml", "--output", out, *args], capsys)
     assert "Traceback" not in err, err[-2000:]
     return rc, err.strip().splitlines()[-1]
 
