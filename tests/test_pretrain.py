@@ -206,7 +206,9 @@ def test_terms_only_some_ranks_have_are_averaged_over_those_ranks(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    mp.spawn(_two_rank_means, args=(f"file://{tmp_path / 'rdzv'}", str(tmp_path / "means")), nprocs=2)
+    # forked, not spawned: the children inherit this process's imports (a spawned child spends 3 s importing torch)
+    mp.start_processes(_two_rank_means, args=(f"file://{tmp_path / 'rdzv'}", str(tmp_path / "means")), nprocs=2,
+                       start_method="fork")
     for rank in (0, 1):
         means = torch.load(tmp_path / f"means.{rank}")
         assert means == pytest.approx({"loss": 2.5, "mlm_loss": 1.5, "mnem_loss": 4.0})
