@@ -456,26 +456,26 @@ def mean_over_ranks(sums: dict[str, Any], names: list[str], device) -> dict[str,
     return {k: t / c for k, t, c in zip(names, total, count) if c > 0}
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train worker function; ``config`` carries the TrainConfig dump, files, build and tracking."""
+def train_loop_per_worker(config: dict, session=None) -> None:
+    """The Ray Train worker function; ``config`` carries the TrainConfig dump, files, build and tracking.
+    ``session`` (``keplm.platform.train_session``): where it runs; a Ray Train worker's by default."""
     import numpy as np
     import ray
-    import ray.train
-    import ray.train.torch
     import torch
     from transformers import get_linear_schedule_with_warmup
 
     from keplm.platform.console import worker_logging
+    from keplm.platform.train_session import RayTrainSession
 
     worker_logging()   # keplm's lines (progress, resume) reach the driver's console, marked
+    session = session or RayTrainSession()
     cfg = TrainConfig(**config["train"])
     files: list[str] = config["files"]
     build: Callable[[dict], tuple[Any, Any]] = config["build"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed + rank)
-    device = ray.train.torch.get_device()
+    device = session.device()
     torch.use_deterministic_algorithms(cfg.deterministic if cfg.deterministic is not None else device.type == "cpu",
                                        warn_only=True)
 
@@ -485,12 +485,7 @@ def train_loop_per_worker(config: dict) -> None:
     n_flops = flops_per_token(model, config.get("seq_len", 512))
     if cfg.compile:
         compile_blocks(model)
-    # find_unused_parameters stays on: which parameters a step uses depends on the model kind, its objectives
-    # and the batch (a term with no entity mention in it, a head an ablation switches off). When a run uses
-    # all of them, DDP's reducer notes once per rank that the flag was not needed; that notice is a C++ log
-    # line (c10's TORCH_WARN_ONCE on the worker's stderr), not a Python warning that warnings.filterwarnings
-    # could filter, so it goes with the worker's other lines to the job's log file, off the console.
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = session.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     decay, no_decay = [], []
     for name, p in core.named_parameters():
@@ -501,7 +496,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Ray Data's equal split gives every worker total // world rows, the smallest of these shares too
     shares = [worker_rows(files, world, r) for r in range(world)]
     steps_per_epoch = min(hi - lo for lo, hi in shares) // cfg.batch_size
-    shard = ray.train.get_dataset_shard("train") if cfg.reader == "ray_data" else None
+    shard = session.dataset_shard() if cfg.reader == "ray_data" else None
     skipped = sum(hi - lo for lo, hi in shares) - steps_per_epoch * cfg.batch_size * world
     opt_steps_per_epoch = steps_per_epoch // cfg.grad_accum
     if opt_steps_per_epoch == 0:
@@ -511,14 +506,14 @@ def train_loop_per_worker(config: dict) -> None:
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
 
     step, epoch, position = 0, 0, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_train_state(Path(d) / "state.pt")
+    state = None
+    with session.resume_checkpoint() as d:
+        if d is not None:
+            state = load_train_state(d / "state.pt")
             from safetensors.torch import load_file
 
-            weights = load_file(str(Path(d) / "model" / "model.safetensors"))
-            core.load_state_dict(weights, strict=False)
+            core.load_state_dict(load_file(str(d / "model" / "model.safetensors")), strict=False)
+    if state is not None:
         if state.get("world", world) != world:
             raise RuntimeError(f"checkpoint was written by {state['world']} workers; resume with the same train.num_workers")
         opt.load_state_dict(state["optimizer"])
@@ -630,9 +625,9 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                             "epoch": epoch, "position": position, "torch_rng": torch_rngs,
                             "collate_rng": collate_rngs, "collate_stats": stats, "world": world}, Path(d) / "state.pt")
-                checkpoint = ray.train.Checkpoint.from_directory(d)
+                checkpoint = Path(d)
             metrics["final"] = final
-            ray.train.report(metrics, checkpoint=checkpoint)
+            session.report(metrics, checkpoint)
 
     last: dict[str, float] = {"step": step, "rows_skipped_for_balance": skipped, "workers": world}
     start_step, pause_at = step, set(cfg.pause_at_steps)
@@ -718,11 +713,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if not marker.exists():  # once per run: the restarted group must get past this step
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.write_text(str(step))
-                    # the fault comes once Ray Train's controller has taken in every report so far: it collects
-                    # them when it polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), and a checkpoint
-                    # whose reports died with a worker is not restored (the group restarts from the one before)
-                    ray.train.get_all_reported_checkpoints(
-                        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+                    session.wait_for_reports()   # the restart resumes from this step's checkpoint
                     log.warning("fault injection: worker rank %d exits after step %d", rank, step)
                     os._exit(1)
             stop_early = ((cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
@@ -781,6 +772,41 @@ def split_validation(files: list[str], val_rows: int, out_dir: str | Path) -> tu
     return keep, val
 
 
+def loop_config(cfg: TrainConfig, files: list[str], build: Callable, build_context: dict, out_dir: str | Path,
+                tracking_uri: str | None, run_id: str | None, seq_len: int, val_files: list[str] | None) -> dict:
+    """``train_loop_per_worker``'s config."""
+    return {"train": cfg.model_dump(), "files": files, "build": build, "build_context": build_context,
+            "tracking_uri": tracking_uri, "run_id": run_id, "seq_len": seq_len,
+            "fault_marker": str(Path(out_dir).resolve() / "fault_injected"), "val_files": val_files or []}
+
+
+def trains_in_process(cfg: TrainConfig) -> bool:
+    """Whether ``run_in_process`` can run this training: one worker, checkpoints on a local path."""
+    return cfg.num_workers == 1 and (cfg.storage_path is None or "://" not in cfg.storage_path)
+
+
+def run_in_process(cfg: TrainConfig, files: list[str], build: Callable, build_context: dict, out_dir: str | Path,
+                   tracking_uri: str | None, run_id: str | None, seq_len: int, val_files: list[str] | None = None,
+                   on_report: Callable[[dict], None] | None = None):
+    """The training ``run_training`` would run with one worker, run in this process (a ``LocalSession``):
+    the same loop, data, checkpoint content and metrics, without a Ray Train controller or worker process.
+    Resumes from the newest checkpoint under ``cfg.storage_path`` (default ``out_dir/in_process``), and
+    returns a ``LocalResult`` (last report's metrics and checkpoint). ``on_report(metrics)`` follows each report."""
+    from ray.train import Checkpoint
+
+    from keplm.platform.train_session import LocalResult, LocalSession
+
+    if not trains_in_process(cfg):
+        raise ValueError("run_in_process trains one worker with checkpoints on a local path")
+    storage = Path(cfg.storage_path or Path(out_dir) / "in_process").resolve()
+    dataset = shard_dataset(files, cfg.seed, cfg.read_cpus, cfg.read_concurrency) if cfg.reader == "ray_data" else None
+    session = LocalSession(storage, cfg.keep_checkpoints, cfg.use_gpu, on_report, dataset)
+    train_loop_per_worker(loop_config(cfg, files, build, build_context, out_dir, tracking_uri, run_id, seq_len,
+                                      val_files), session)
+    stored = session.checkpoints()
+    return LocalResult(session.last_metrics, Checkpoint.from_directory(str(stored[-1])) if stored else None)
+
+
 def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_context: dict, out_dir: str | Path,
                  tracking_uri: str | None, run_id: str | None, seq_len: int, val_files: list[str] | None = None,
                  callbacks: list | None = None, name: str = "pretrain", bound_resource_wait: bool = False):
@@ -807,9 +833,7 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
              "dataset_config": ingest_data_config()} if cfg.reader == "ray_data" else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(), "files": files, "build": build, "build_context": build_context,
-                           "tracking_uri": tracking_uri, "run_id": run_id, "seq_len": seq_len,
-                           "fault_marker": str(Path(out_dir).resolve() / "fault_injected"), "val_files": val_files or []},
+        train_loop_config=loop_config(cfg, files, build, build_context, out_dir, tracking_uri, run_id, seq_len, val_files),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
