@@ -88,6 +88,10 @@ class SweepConfig(Section):
     reduction_factor: int = Field(2, ge=2, description="ASHA/SHA: 1 in this many trials goes on at each rung")
     trial_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
     cpus_per_worker: float = Field(0.9, gt=0, description="CPUs per Ray Train worker of a trial")
+    train_in_trial: bool = Field(
+        True, description="a 1-worker trial (trial_workers: 1, checkpoints on a local path) trains in its Tune trial's "
+        "own process, which then holds the worker's CPUs/GPUs: the same loop, data and checkpoints, without starting a "
+        "Ray Train controller and worker process per trial and per halving rung. false: every trial runs Ray Train")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per Ray Train worker of a trial (with a GPU)")
     max_failures: int = Field(
         0, ge=0, description="times Tune reruns a trial that raised (Tune's FailureConfig); the rerun reuses the "

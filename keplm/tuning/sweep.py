@@ -26,6 +26,7 @@ import yaml
 from keplm.platform.config import dump_config, flatten
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import sha256_json
+from keplm.platform.train_loop import trains_in_process
 from keplm.tuning.space import ABLATION_GRIDS, merge, nest
 from keplm.tuning.trainable import pretrain_trial, trial_overrides
 
@@ -55,6 +56,14 @@ def sweep_key(cfg) -> dict:
     # how often a lost trial is rerun is how the sweep is carried out, not what it computes
     sweep = {k: v for k, v in dump.get("sweep", {}).items() if k != "max_failures"}
     return {**dump, "sweep": sweep, "train": computed_train_section(dump)}
+
+
+def trial_resources(train) -> dict[str, float]:
+    """What a trial that trains in its own process asks Tune for: one Ray Train worker's resources."""
+    import ray
+
+    use_gpu = train.use_gpu if train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    return {"cpu": train.cpus_per_worker, **({"gpu": train.gpus_per_worker} if use_gpu else {})}
 
 
 def _parent_run(client, cfg, out: Path, job: str, params: dict, key: str, key_parts: dict, tracking_uri: str) -> str:
@@ -101,15 +110,18 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
     for name, seconds in stage_seconds.items():
         client.log_metric(parent, name, seconds)
     base = dump_config(cfg)
+    in_trial = cfg.sweep.train_in_trial and trains_in_process(cfg.train)
     shared = {"base": base, "stages": stages, "tracking_uri": tracking_uri, "parent_run": parent, "out": str(out.resolve()),
               "job": job, "model": model, "objective": objective, "proxy_task": proxy_task,
-              "rungs": list(rungs or []), "eval_tasks": eval_tasks or {}}
+              "rungs": list(rungs or []), "eval_tasks": eval_tasks or {}, "train_in_trial": in_trial}
     if objective == "proxy_f1" or job == "ablate":
         # the proxy F1 only exists in a trial's last result, and the ablation's not-pretrained variant has no
         # training to report a loss from; the step reports carry the losses
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # the trial function only waits on its Ray Train run; the Train workers hold the CPUs/GPUs
-    trainable = tune.with_resources(tune.with_parameters(pretrain_trial, shared=shared), {"cpu": 0.01})
+    # a trial that trains in its own process holds its worker's CPUs/GPUs; one that runs Ray Train only waits
+    # on it, and the Train workers hold them
+    trainable = tune.with_resources(tune.with_parameters(pretrain_trial, shared=shared),
+                                    trial_resources(cfg.train) if in_trial else {"cpu": 0.01})
     storage = str((out / "tune").resolve())
     name = f"{job}-{key[:16]}"   # one Tune experiment per sweep key: a changed sweep never restores another's
     path = os.path.join(storage, name)
@@ -122,6 +134,9 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg,
                                         scheduler=scheduler,
+                                        # a trial that trains in its own process leaves it with torch and the
+                                        # models imported: the next trial starts in it
+                                        reuse_actors=in_trial,
                                         # a sweep's searcher is already a ConcurrencyLimiter (SHA moves its cap)
                                         max_concurrent_trials=None if search_alg is not None else max_concurrent),
             # Tune's status tables off (verbose=0): the console gets TrialEvents' lines, and Tune's log the log file

@@ -49,7 +49,7 @@ def pretrain_trial(config: dict, shared: dict) -> None:
 
     from keplm.models.pipeline import start_run, training_inputs
     from keplm.models.setup import build_for_worker
-    from keplm.platform.train_loop import run_training
+    from keplm.platform.train_loop import run_in_process, run_training, trains_in_process
 
     class RungHoldingReport(TuneReportCallback):
         """Forwards every Ray Train report to Tune except the one a run ends with at a rung
@@ -60,10 +60,8 @@ def pretrain_trial(config: dict, shared: dict) -> None:
             self.rungs = set(rungs)
 
         def after_report(self, run_context, metrics, checkpoint):
-            m = metrics[0] if metrics else {}
-            if m.get("step") in self.rungs and not m.get("final"):
-                return
-            super().after_report(run_context, metrics, checkpoint)
+            if not held_at_rung(metrics[0] if metrics else {}, self.rungs):
+                super().after_report(run_context, metrics, checkpoint)
 
     trial_id = tune.get_context().get_trial_id()
     overrides, tags = trial_overrides(config, shared.get("model"))
@@ -87,10 +85,14 @@ def pretrain_trial(config: dict, shared: dict) -> None:
             client.set_terminated(run_id, status="FINISHED")
             return
         t_train = time.perf_counter()
+        args = (train_cfg, inputs["files"], build_for_worker, inputs["context"], trial_dir, shared["tracking_uri"],
+                run_id, cfg.batches.max_seq_len, inputs["val_files"])
+        in_trial = shared.get("train_in_trial") and trains_in_process(train_cfg)
         while True:
-            result = run_training(train_cfg, inputs["files"], build_for_worker, inputs["context"], trial_dir,
-                                  shared["tracking_uri"], run_id, cfg.batches.max_seq_len, val_files=inputs["val_files"],
-                                  callbacks=[RungHoldingReport(rungs)], name="train")
+            if in_trial:
+                result = run_in_process(*args, on_report=lambda m: None if held_at_rung(m, rungs) else tune.report(m))
+            else:
+                result = run_training(*args, callbacks=[RungHoldingReport(rungs)], name="train")
             if result.error is not None:
                 raise result.error
             metrics = dict(result.metrics or {})
@@ -122,6 +124,12 @@ def pretrain_trial(config: dict, shared: dict) -> None:
     except BaseException:   # stopped by the scheduler
         client.set_terminated(run_id, status="KILLED")
         raise
+
+
+def held_at_rung(metrics: dict, rungs) -> bool:
+    """Whether a report is the one a run ends with at a rung (``pause_at_steps``), which the trial makes to
+    Tune itself once the run has ended (below in ``pretrain_trial``)."""
+    return metrics.get("step") in set(rungs) and not metrics.get("final")
 
 
 def stopped_by_tune() -> bool:
