@@ -94,9 +94,9 @@ class SweepConfig(Section):
         "Ray Train controller and worker process per trial and per halving rung. false: every trial runs Ray Train")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per Ray Train worker of a trial (with a GPU)")
     max_failures: int = Field(
-        0, ge=0, description="times Tune reruns a trial that raised (Tune's FailureConfig); the rerun reuses the "
-        "trial's MLflow run and resumes its Ray Train run from the latest checkpoint. A trial that fails for its own "
-        "reasons (a batch too big for the data) fails again each time, and counts as one failed trial")
+        1, ge=0, description="times Tune reruns a trial that raised or lost its node (Tune's FailureConfig); the "
+        "rerun reuses the trial's MLflow run and resumes from the trial's latest checkpoint. A trial that fails for "
+        "its own reasons (a batch too big for the data) fails again each time, and counts as one failed trial")
 
     @model_validator(mode="after")
     def _keys(self):
