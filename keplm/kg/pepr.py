@@ -78,7 +78,9 @@ from pydantic import Field, model_validator
 
 from keplm.kg.graph import Graph, load_graph
 from keplm.platform.config import Section
+from keplm.platform.console import placement
 from keplm.platform.errors import KeplmError
+from keplm.platform.faults import exit_once
 from keplm.platform.manifest import hash_inputs, read_manifest, write_manifest
 from keplm.platform.ray_session import pipelined_calls
 
@@ -762,28 +764,19 @@ class PEPRWorker:
         empty, loads them here and answers the retried call the same."""
         self.calls += 1
         if self.fault_marker and self.calls == self.cfg.fault_at_call:
-            try:   # once per run, whichever actor gets there first; the restarted one gets past it
-                os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
-                os._exit(1)
-            except FileExistsError:
-                pass
+            exit_once(self.fault_marker)   # whichever actor gets there first; the restarted one gets past it
         if self.solver is None:
             self.load(*graph)
 
-    def node(self) -> str:
-        """The id of the Ray node this actor runs on."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def load(self, indptr, indices, data, edge_relation, edge_inverse, degree, v0, g, floors) -> None:
+    def load(self, indptr, indices, data, edge_relation, edge_inverse, degree, v0, g, floors) -> str:
         """The graph and what the driver solved once (g, the spectral floors); a separate call so the actor's
-        start (a process, torch's import) overlaps the driver's work."""
+        start (a process, torch's import) overlaps the driver's work. -> the actor's node id."""
         cfg = self.cfg
         n = len(indptr) - 1
         self.a = sp.csr_matrix((data, indices, indptr), shape=(n, n), copy=False)
         self.edge_relation, self.edge_inverse = edge_relation, edge_inverse
         self.solver = PEPRSolver(self.a, degree, cfg, v0=v0, g=g, floors=floors)
+        return self.process[0].split(":")[0]
 
     def run_cover(self, solved: np.ndarray, read_scale: np.ndarray, block: int, needed, rev, in_cover, *graph
                   ) -> tuple[np.ndarray, np.ndarray, list[int], float]:
@@ -845,7 +838,6 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
 
         fault_marker = os.path.join(tempfile.mkdtemp(prefix="keplm-pepr-fault-"), "fault_injected")
     actors = [actor_cls.remote(cfg, fault_marker) for _ in range(cfg.num_actors)]   # they start while the driver works
-    nodes = [actor.node.remote() for actor in actors]   # answered first by each actor, read at the end
     try:   # the actors go when this ends, also on an error (a solve that does not converge)
         g = floors = None
         if cfg.method == "cg":  # solved once here, not once per actor
@@ -870,9 +862,8 @@ def compute_neighbours(graph: Graph, cfg: PEPRConfig, num_samples: int | None = 
             counts["solve_wall_seconds"] = time.perf_counter() - start
             counts["solves"] = int(len(seeds))
             table = pa.concat_tables(tables) if tables else NEIGHBOURS_SCHEMA.empty_table()
-        nodes = ray.get(nodes)
-        log.info("neighbours: %d actor%s on %d node%s (%s)", len(actors), "s" * (len(actors) > 1), len(set(nodes)),
-                 "s" * (len(set(nodes)) > 1), ", ".join(sorted(set(nodes))))
+        nodes = sorted(set(ray.get(loaded)))   # where each actor loaded the graph
+        log.info("neighbours: %s (%s)", placement(len(actors), "actor", nodes), ", ".join(nodes))
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -40,6 +40,7 @@ from pydantic import Field
 from keplm.kg.linker import EntityLinker, LinkConfig
 from keplm.kg.reader import Entities, read_aliases, read_entities, write_entities
 from keplm.platform.config import Section, resolve_path
+from keplm.platform.faults import exit_once
 from keplm.platform.corpus_io import MAX_RECORD_BYTES, detect_format, expand_inputs, iter_documents
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import hash_inputs, write_manifest
@@ -208,13 +209,8 @@ class LinkAndTokenize:
             c["shard_files"] = 1
         self.batches += 1
         if self.fault_marker and self.batches == self.fault_at_batch:
-            import os
-
-            try:   # once per run: the batch's files are written, its counts never reported; Ray Data retries it
-                os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
-                os._exit(1)
-            except FileExistsError:
-                pass
+            # the batch's files are written, its counts never reported; Ray Data retries it
+            exit_once(self.fault_marker)
         return pa.table({
             "counts": [json.dumps(c)],
             "freq_entity": pa.array([list(freq)], pa.list_(pa.int32())),

@@ -160,6 +160,12 @@ def seconds(s: float) -> str:
     return f"{m} min {s} s" if m < 60 else f"{m // 60} h {m % 60} min"
 
 
+def placement(count: int, what: str, nodes) -> str:
+    """Where a group of processes runs, as the jobs say it: ``2 workers on 1 node``."""
+    n = len(set(nodes))
+    return f"{count} {what}{'s' * (count != 1)} on {n} node{'s' * (n != 1)}"
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """The session's console handler: before the first line it shows, the header (where the output and the full
     log go), so that a job that fails before saying anything (a config error) prints its error line alone."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from keplm.platform.config import Section
+from keplm.platform.faults import exit_once
 from keplm.platform.loss_balance import diagnostic_due, imbalance_warning, term_gradient_norms
 from keplm.platform.ray_session import without_state_api
 
@@ -464,7 +464,7 @@ def train_loop_per_worker(config: dict, session=None) -> None:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from keplm.platform.console import worker_logging
+    from keplm.platform.console import placement, worker_logging
     from keplm.platform.train_session import RayTrainSession
 
     worker_logging()   # keplm's lines (progress, resume) reach the driver's console, marked
@@ -560,7 +560,7 @@ def train_loop_per_worker(config: dict, session=None) -> None:
     # where the group runs, said once per start (a restart after a lost node may land elsewhere)
     nodes = gather(ray.get_runtime_context().get_node_id())
     if rank == 0:
-        log.info("train: %d worker%s on %d node%s", world, "s" * (world > 1), len(set(nodes)), "s" * (len(set(nodes)) > 1))
+        log.info("train: %s", placement(world, "worker", nodes))
         if tracker is not None:
             tracker.set_tag(config["run_id"], "keplm.worker_nodes", json.dumps(nodes))
 
@@ -709,13 +709,11 @@ def train_loop_per_worker(config: dict, session=None) -> None:
                 log.info("train: step %d/%d, loss %.4f, %s tokens/s, ETA %s", step, total,
                          last.get("loss", float("nan")), f"{tok_s:,.0f}", eta_text(eta))
             if cfg.fault_at_step == step and rank == world - 1 and config.get("fault_marker"):
-                marker = Path(config["fault_marker"])
-                if not marker.exists():  # once per run: the restarted group must get past this step
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    marker.write_text(str(step))
+                def before_exit():
                     session.wait_for_reports()   # the restart resumes from this step's checkpoint
                     log.warning("fault injection: worker rank %d exits after step %d", rank, step)
-                    os._exit(1)
+
+                exit_once(config["fault_marker"], str(step), before_exit)   # the restarted group gets past it
             stop_early = ((cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
                           or (step in pause_at and step > start_step))
             if step >= total or stop_early:
