@@ -727,6 +727,7 @@ ray.shutdown()
     assert got["mode"] == "token" and got["url"].startswith("127.0.0.1:") and got["status"] == 401
 
 
+@pytest.mark.slow   # a fresh Python process; the quick tier runs the same mains in process
 def test_the_command_line_gives_the_same_one_line(tmp_path):
     """The installed entry point, as a user runs it: a KG directory that does not exist."""
     import subprocess

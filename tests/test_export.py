@@ -261,6 +261,7 @@ MLM_HEAD = sorted(["cls.predictions.bias", "cls.predictions.transform.LayerNorm.
                    "cls.predictions.transform.dense.weight"])
 
 
+@pytest.mark.slow   # a fresh Python process per case, importing transformers
 @pytest.mark.parametrize("kind", ["smedbert", "kebiolm"])
 def test_stock_transformers_without_keplm_loads_the_export_like_any_bert_mlm_checkpoint(kind, tmp_path):
     full = build(kind)
@@ -289,6 +290,7 @@ def test_stock_transformers_without_keplm_loads_the_export_like_any_bert_mlm_che
     assert torch.allclose(logits[real], want[real], atol=1e-5)
 
 
+@pytest.mark.slow   # a fresh Python process, importing transformers
 def test_stock_transformers_loads_the_encoder_export_with_nothing_unexpected(tmp_path):
     export_bert(save_checkpoint(build("ernie"), tmp_path / "model"), tmp_path / "enc", fmt="bert-encoder")
     script = tmp_path / "enc.py"

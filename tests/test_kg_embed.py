@@ -1,14 +1,12 @@
 """kg embed: TransE / TransR with PyKEEN on the bundled UMLS set, the export's id order, the real KG."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import need_shared
+from conftest import job_in_process, need_shared
 from keplm.kg.embed import eval_batch_size, load_embeddings, run_embed, train_embeddings
 from keplm.kg.graph import GraphConfig, build_graph, load_graph
 
@@ -44,6 +42,7 @@ def rank_hits_at_10(arrays, heads, rels, tails, model):
     return hits / len(heads)
 
 
+@pytest.mark.slow   # 15-20 epochs of training each
 @pytest.mark.parametrize("model,extra", [
     ("transe", ["embed.dim=50", "embed.epochs=20", "embed.lr=0.01", "embed.batch_size=256"]),
     ("transr", ["embed.dim=24", "embed.relation_dim=16", "embed.epochs=15", "embed.lr=0.01", "embed.batch_size=256"]),
@@ -88,6 +87,7 @@ def umls_ids():
     return mapped, ents, rels
 
 
+@pytest.mark.slow   # three trainings and evaluations
 def test_eval_batch_size_reaches_pykeen_and_leaves_the_metrics_as_they_are(umls_ids, monkeypatch):
     from pykeen.evaluation import RankBasedEvaluator
 
@@ -117,7 +117,7 @@ def test_eval_batch_size_reaches_pykeen_and_leaves_the_metrics_as_they_are(umls_
     assert seen[-1] == 4096
 
 
-@pytest.mark.parametrize("name", ["transe", "transr", "transr_l1"])
+@pytest.mark.parametrize("name", ["transe", "transr", pytest.param("transr_l1", marks=pytest.mark.slow)])
 def test_ranking_models_score_as_pykeens_own(name):
     """keplm.kg.scoring's all-entity and per-triple scores, gradients and filtered metrics are PyKEEN's."""
     import torch
@@ -163,11 +163,11 @@ def test_ranking_models_score_as_pykeens_own(name):
         assert got.get_metric(key) == pytest.approx(want.get_metric(key), abs=1e-6 if name != "transr_l1" else 2e-3)
 
 
-def test_embed_cli_errors_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "keplm.jobs.kg", "embed", "--graph", str(tmp_path / "none"),
-                        "--output", str(tmp_path / "o"), "embed.epochs=0"], capture_output=True, text=True)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "embed.epochs" in r.stderr.strip().splitlines()[-1]
+def test_embed_cli_errors_in_one_line(tmp_path, capsys):
+    rc, err = job_in_process("kg", ["embed", "--graph", tmp_path / "none", "--output", tmp_path / "o", "embed.epochs=0"],
+                             capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert "embed.epochs" in err.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

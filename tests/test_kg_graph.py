@@ -2,14 +2,12 @@
 
 import gzip
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO, need_shared
+from conftest import DEMO, job_in_process, need_shared
 from keplm.kg.graph import GraphConfig, adjacency_from_triples, build_graph, load_graph
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import read_manifest
@@ -73,7 +71,7 @@ def test_adjacency_is_column_stochastic_with_first_relation(tmp_path):
     assert lookup[(2, 0)] == (2, True)
 
 
-def test_unusable_inputs_give_one_clear_error(tmp_path):
+def test_unusable_inputs_give_one_clear_error(tmp_path, capsys):
     kg = write_kg(tmp_path / "kg", ENTS, [("感冒", "症状", "不存在")])
     with pytest.raises(KeplmError, match="no usable triple"):
         build_graph(kg, tmp_path / "g", GraphConfig(), {})
@@ -82,11 +80,10 @@ def test_unusable_inputs_give_one_clear_error(tmp_path):
         build_graph(kg, tmp_path / "g", GraphConfig(), {})
     with pytest.raises(KeplmError, match="no manifest|no manifest.json"):
         load_graph(tmp_path / "nothing")
-    # the command line prints exactly that line, exit 2, no traceback
-    r = subprocess.run([sys.executable, "-m", "keplm.jobs.kg", "build", "--kg", str(kg), "--output", str(tmp_path / "g")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("keplm kg build: error:")
+    # the command line's main prints exactly that line, exit 2, no traceback
+    rc, err = job_in_process("kg", ["build", "--kg", kg, "--output", tmp_path / "g"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("keplm kg build: error:")
 
 
 def test_build_demo_with_corpus_frequencies(tmp_path, demo_prepared):

@@ -151,7 +151,7 @@ def test_block_size_fits_the_cache_budget(ray_local, tmp_path):
     # a budget that cuts the demo's blocks changes the blocking, not the neighbours
     build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
     g = load_graph(tmp_path / "g")
-    base = dict(num_actors=2, batch_size=64, k_max=10, tol=1e-9, actor_num_cpus=0.5)
+    base = dict(num_actors=1, batch_size=64, k_max=10, tol=1e-9, actor_num_cpus=0.5)
     wide, wc = compute_neighbours(g, PEPRConfig(**base))
     cut = PEPRConfig(**base, block_mib=6 * g.num_entities * 8 * 5 / 2**20, block_min_seeds=1)  # room for 5 seeds
     narrow, nc = compute_neighbours(g, cut)
@@ -171,7 +171,8 @@ def test_call_groups_carry_whole_blocks_and_keep_every_actor_queued():
     assert call_groups(items[:0], 10, PEPRConfig()) == []
 
 
-@pytest.mark.parametrize("solve", ["cover", "seeds"])
+# the per-seed solve's 244 calls are the slow tier's; the cover's run the same grouping in the quick tier
+@pytest.mark.parametrize("solve", ["cover", pytest.param("seeds", marks=pytest.mark.slow)])
 def test_several_blocks_per_call_give_the_same_neighbours(ray_local, tmp_path, solve):
     build_graph(DEMO / "kg", tmp_path / "g", GraphConfig(), {})
     g = load_graph(tmp_path / "g")
@@ -197,7 +198,9 @@ def test_linked_seeds_and_frequency_start(ray_local, tmp_path, demo_prepared):
     assert counts["seeds"] == len(linked) and set(table.column("entity").to_pylist()) <= linked
 
 
-@pytest.mark.parametrize("graph", ["demo", "random", "random-subset"])
+# the random graphs are the slow tier's: the demo case runs the same code in the quick tier
+@pytest.mark.parametrize("graph", ["demo", pytest.param("random", marks=pytest.mark.slow),
+                                   pytest.param("random-subset", marks=pytest.mark.slow)])
 def test_cover_solves_fewer_and_gives_the_per_seed_scores(ray_local, tmp_path, graph):
     """R[t,m] = d_t/d_m R[m,t]: solving a vertex cover of the seeds' edges gives every score the
     per-seed solves give (to the tolerance), with fewer solves."""

@@ -2,8 +2,6 @@
 
 import gzip
 import json
-import subprocess
-import sys
 from collections import Counter
 from itertools import islice
 
@@ -11,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO, need_shared
+from conftest import DEMO, job_in_process, need_shared
 from keplm import config
 from keplm.kg.prepare import run_prepare
 from keplm.kg.reader import read_aliases, read_entities
@@ -63,6 +61,7 @@ def check_outputs(out, kg_dir, max_seq_len):
     return m, rows
 
 
+@pytest.mark.slow   # two linking actors; the quick tier's prepares run one
 def test_demo_prepare_with_two_workers(ray_local, tmp_path):
     out = tmp_path / "demo"
     counts = prepare(out, ["prepare.num_workers=2"])
@@ -138,13 +137,14 @@ def test_all_rejected_is_one_clear_error(ray_local, tmp_path, capsys):
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
-def test_cli_bad_config_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "keplm.jobs.cli", "prepare", "--config", "configs/demo.yaml",
-                           "--output", str(tmp_path), "prepare.max_seq_len=-3"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == ("keplm prepare: error: config error: prepare.max_seq_len: "
-                                   "Input should be greater than or equal to 8 (got -3)")
-    assert "Traceback" not in proc.stderr
+def test_cli_bad_config_is_one_line(tmp_path, capsys):
+    # in process (the command line's main); test_bad_input runs the same check as a subprocess
+    rc, err = job_in_process("cli", ["prepare", "--config", "configs/demo.yaml", "--output", tmp_path,
+                                     "prepare.max_seq_len=-3"], capsys)
+    assert rc == 2
+    assert err.strip() == ("keplm prepare: error: config error: prepare.max_seq_len: "
+                           "Input should be greater than or equal to 8 (got -3)")
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -195,6 +195,10 @@ def test_vocab_job_trains_a_loadable_tokenizer(ray_local, tmp_path):
     assert tok.convert_tokens_to_ids("[MASK]") != tok.unk_token_id
 
 
-def test_cli_help_lists_jobs():
-    proc = subprocess.run([sys.executable, "-m", "keplm.jobs.cli", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "prepare" in proc.stdout and "vocab" in proc.stdout
+def test_cli_help_lists_jobs(capsys):
+    from keplm.jobs.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "prepare" in out and "vocab" in out

@@ -50,6 +50,7 @@ def _split_rows(files, world, batch_size, shuffle_rows=0, epoch=0):
         return list(pool.map(read, range(world)))
 
 
+@pytest.mark.slow   # three Ray Data reads and splits
 def test_ray_data_split_gives_each_worker_equal_disjoint_rows_the_same_on_every_run(demo_prepared):
     files = sorted(str(f) for f in (demo_prepared / "shards").glob("*.parquet"))
     assert len(files) >= 2, "the split must spread several files"
@@ -79,6 +80,7 @@ def test_ray_data_split_gives_each_worker_equal_disjoint_rows_the_same_on_every_
         ctx.target_max_block_size = saved
 
 
+@pytest.mark.slow   # four Ray Data reads and splits
 def test_local_shuffle_reorders_each_workers_rows_per_epoch_the_same_on_every_run(demo_prepared):
     from collections import Counter
 

@@ -219,6 +219,7 @@ def run_probe(model_dir, kg_dir):
     return run_task(str(model_dir), spec, FinetuneConfig(), seed=0)
 
 
+@pytest.mark.slow   # 300 training steps
 def test_trained_tiny_bert_memorises_the_kg(tmp_path, one_thread):
     kg = write_kg(tmp_path / "kg")
     res = run_probe(tiny_mlm(tmp_path, kg, train_steps=300), kg)
