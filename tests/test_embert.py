@@ -335,7 +335,8 @@ def test_unknown_objective_is_refused():
 
 
 def pretrain_demo(tmp_path, demo_run, *overrides):
-    """8 steps on 1 worker from the session demo run's prepared shards (the other stages are the model's own)."""
+    """8 steps on 1 worker in the job's process (train.runner=in_process) from the session demo run's prepared shards
+    (the other stages are the model's own)."""
     import json
     import subprocess
     import sys
@@ -344,6 +345,7 @@ def pretrain_demo(tmp_path, demo_run, *overrides):
 
     r = subprocess.run([sys.executable, "-m", "keplm.jobs.pretrain", "--config", "configs/demo.yaml", "--output",
                         str(tmp_path), f"--prepared={demo_run[0] / 'prepare'}", *overrides, "train.max_steps=8", "train.num_workers=1",
+                        "train.runner=in_process",
                         "train.batch_size=8", "train.lr=0.003", "train.warmup_ratio=0.0", "train.checkpoint_every=8"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

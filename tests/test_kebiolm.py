@@ -194,7 +194,7 @@ def test_kebiolm_pretrains_on_the_demo_and_logs_its_losses(tmp_path, demo_run):
 
     r = subprocess.run([sys.executable, "-m", "keplm.jobs.pretrain", "--config", "configs/demo.yaml", "--output",
                         str(tmp_path), f"--prepared={demo_run[0] / 'prepare'}", "model.kind=kebiolm", "model.top_k_entities=16", "batches.sop=false",
-                        "train.max_steps=8", "train.num_workers=1", "train.batch_size=8", "train.lr=0.003",
+                        "train.max_steps=8", "train.num_workers=1", "train.runner=in_process", "train.batch_size=8", "train.lr=0.003",
                         "train.warmup_ratio=0.0", "train.checkpoint_every=8"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -399,7 +399,9 @@ def test_the_training_key_follows_what_is_computed_not_how_it_runs():
 @pytest.mark.slow
 def test_a_changed_k_reruns_the_neighbours_and_trains_anew_then_resumes_that(chain, tmp_path):
     out, _ = chain
-    base = [f"--prepared={out / 'prepare'}", "train.max_steps=2", "train.checkpoint_every=2", "train.num_workers=1"]
+    # in the job's process (train.runner=in_process): what is tested here is the job's stages and keys
+    base = [f"--prepared={out / 'prepare'}", "train.max_steps=2", "train.checkpoint_every=2", "train.num_workers=1",
+            "train.runner=in_process", "embed.epochs=2"]
     first = pretrain(tmp_path / "k", *base)
     second = pretrain(tmp_path / "k", *base, "pepr.k_max=20")
     err = second.stderr

@@ -82,6 +82,9 @@ def test_in_process_training_stopped_and_resumed_reports_what_the_uninterrupted_
     for k, v in full.metrics.items():
         if k.startswith("data."):   # the collator's counts went on from the checkpoint's
             assert resumed.metrics[k] == v, k
+    # a start with nothing left to train reports nothing and returns what the last checkpoint stored
+    again, none = _in_process(one_worker, tmp_path / "full")
+    assert none == [] and again.metrics == full.metrics
     with full.checkpoint.as_directory() as a, resumed.checkpoint.as_directory() as b:
         assert (Path(a) / "model" / "model.safetensors").read_bytes() == (Path(b) / "model" / "model.safetensors").read_bytes()
 

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from keplm.models.setup import build_for_worker
-    from keplm.platform.train_loop import run_training
+    from keplm.platform.train_loop import run_in_process, run_training
 
     cfg = keplm_config.load(args.config, list(args.overrides))
     out = Path(args.output)
@@ -128,9 +128,12 @@ def run(args: argparse.Namespace) -> int:
     with console.stage("train", f"{inputs['rows']:,} rows, {t.num_workers} workers x batch {t.batch_size}"
                                 f"{f' x {t.grad_accum} micro-steps' if t.grad_accum > 1 else ''}") as st:
         try:
-            result = run_training(cfg.train, inputs["files"], build_for_worker, inputs["context"], train_dir, uri,
-                                  run_id, cfg.batches.max_seq_len, val_files=inputs["val_files"],
-                                  name=f"pretrain-{key[:16]}", bound_resource_wait=True)
+            args_ = (cfg.train, inputs["files"], build_for_worker, inputs["context"], train_dir, uri, run_id,
+                     cfg.batches.max_seq_len, inputs["val_files"])
+            if t.runner == "in_process":
+                result = run_in_process(*args_, name=f"pretrain-{key[:16]}")
+            else:
+                result = run_training(*args_, name=f"pretrain-{key[:16]}", bound_resource_wait=True)
         except Exception as exc:  # noqa: BLE001
             client.set_terminated(run_id, status="FAILED")
             if isinstance(exc, KeplmError):   # already one line (e.g. the workers' resources never came)

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from keplm.platform.config import Section
 from keplm.platform.faults import exit_once
@@ -56,6 +56,12 @@ log = logging.getLogger(__name__)
 
 class TrainConfig(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster)")
+    runner: Literal["ray_train", "in_process"] = Field(
+        "ray_train", description="keplm pretrain: 'ray_train', the workers are a Ray Train run (DDP, a failed worker "
+        "group restarted from its checkpoint, train.max_failures times); 'in_process', one worker (num_workers: 1) "
+        "trained in the job's own process, the same loop without Ray Train's controller and worker processes (a "
+        "failure ends the job; rerunning it resumes from the latest checkpoint). Part of the training key: the "
+        "two keep their checkpoints apart")
     use_gpu: bool | None = Field(None, description="unset: GPU when the Ray cluster has one")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker asks Ray for")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs each worker asks Ray for (with use_gpu)")
@@ -120,6 +126,12 @@ class TrainConfig(Section):
         "(after the shuffle) is sorted by row length, cut into batches again and served in a seeded random order, "
         "so a batch pads to a length close to each of its rows' (29 % of the computed tokens were padding on the "
         "real corpus with random batches of 64); 1: off")
+
+    @model_validator(mode="after")
+    def _runner(self):
+        if self.runner == "in_process" and self.num_workers != 1:
+            raise ValueError(f"train.runner=in_process trains one worker; train.num_workers is {self.num_workers}")
+        return self
 
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -467,8 +479,9 @@ def train_loop_per_worker(config: dict, session=None) -> None:
     from keplm.platform.console import placement, worker_logging
     from keplm.platform.train_session import RayTrainSession
 
-    worker_logging()   # keplm's lines (progress, resume) reach the driver's console, marked
     session = session or RayTrainSession()
+    if session.in_ray_worker:
+        worker_logging()   # keplm's lines (progress, resume) reach the driver's console, marked
     cfg = TrainConfig(**config["train"])
     files: list[str] = config["files"]
     build: Callable[[dict], tuple[Any, Any]] = config["build"]
@@ -785,24 +798,22 @@ def trains_in_process(cfg: TrainConfig) -> bool:
 
 def run_in_process(cfg: TrainConfig, files: list[str], build: Callable, build_context: dict, out_dir: str | Path,
                    tracking_uri: str | None, run_id: str | None, seq_len: int, val_files: list[str] | None = None,
-                   on_report: Callable[[dict], None] | None = None):
+                   on_report: Callable[[dict], None] | None = None, name: str = "train"):
     """The training ``run_training`` would run with one worker, run in this process (a ``LocalSession``):
     the same loop, data, checkpoint content and metrics, without a Ray Train controller or worker process.
-    Resumes from the newest checkpoint under ``cfg.storage_path`` (default ``out_dir/in_process``), and
-    returns a ``LocalResult`` (last report's metrics and checkpoint). ``on_report(metrics)`` follows each report."""
-    from ray.train import Checkpoint
-
-    from keplm.platform.train_session import LocalResult, LocalSession
+    Resumes from the newest checkpoint under ``cfg.storage_path`` (default ``out_dir/in_process``) ``/name``, as
+    ``run_training`` does from its run of that name, and returns a ``LocalResult`` (last report's metrics and
+    checkpoint). ``on_report(metrics)`` follows each report."""
+    from keplm.platform.train_session import LocalSession
 
     if not trains_in_process(cfg):
         raise ValueError("run_in_process trains one worker with checkpoints on a local path")
-    storage = Path(cfg.storage_path or Path(out_dir) / "in_process").resolve()
+    storage = (Path(cfg.storage_path or Path(out_dir) / "in_process") / name).resolve()
     dataset = shard_dataset(files, cfg.seed, cfg.read_cpus, cfg.read_concurrency) if cfg.reader == "ray_data" else None
     session = LocalSession(storage, cfg.keep_checkpoints, cfg.use_gpu, on_report, dataset)
     train_loop_per_worker(loop_config(cfg, files, build, build_context, out_dir, tracking_uri, run_id, seq_len,
                                       val_files), session)
-    stored = session.checkpoints()
-    return LocalResult(session.last_metrics, Checkpoint.from_directory(str(stored[-1])) if stored else None)
+    return session.result()
 
 
 def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_context: dict, out_dir: str | Path,

@@ -16,6 +16,7 @@ checkpoint to resume from, and where each report (metrics, and a checkpoint dire
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -25,10 +26,21 @@ from pathlib import Path
 from typing import Any
 
 CHECKPOINT_PREFIX = "checkpoint_"
+METRICS_FILE = "keplm_report.json"
+
+
+def in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (an actor or task), not a driver: its log lines reach the driver's
+    console only as worker output (``keplm.platform.console.worker_logging``)."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
 class RayTrainSession:
     """The loop's session on a Ray Train worker."""
+
+    in_ray_worker = True
 
     def __init__(self):
         import ray.train
@@ -99,6 +111,7 @@ class LocalSession:
         self.on_report = on_report
         self.dataset = dataset
         self.last_metrics: dict[str, Any] = {}
+        self.in_ray_worker = in_ray_worker()   # a sweep trial's actor; not keplm pretrain's driver
 
     def device(self):
         import torch
@@ -136,6 +149,8 @@ class LocalSession:
             partial = self.storage / f".{final.name}.partial"
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(checkpoint_dir, partial)
+            # the report beside its checkpoint: a later start with nothing left to train returns it
+            (partial / METRICS_FILE).write_text(json.dumps(metrics, default=float), encoding="utf-8")
             os.replace(partial, final)   # a checkpoint appears whole or not at all
             for old in [*stored, final][:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -145,6 +160,17 @@ class LocalSession:
 
     def wait_for_reports(self) -> None:
         """Every report is stored before ``report`` returns."""
+
+    def result(self) -> LocalResult:
+        """The last report's metrics and checkpoint; when this start reported nothing (its checkpoint was the
+        last step already), those stored with the newest checkpoint, as Ray Train's ``Result`` has them."""
+        from ray.train import Checkpoint
+
+        stored = self.checkpoints()
+        metrics = self.last_metrics
+        if not metrics and stored and (stored[-1] / METRICS_FILE).is_file():
+            metrics = json.loads((stored[-1] / METRICS_FILE).read_text(encoding="utf-8"))
+        return LocalResult(metrics, Checkpoint.from_directory(str(stored[-1])) if stored else None)
 
 
 @dataclass

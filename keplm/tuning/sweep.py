@@ -287,7 +287,8 @@ def sweep(cfg, out: Path, tracking_uri: str) -> dict:
     mode = sc.metric_mode
     metric = sc.objective
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "num_workers": sc.trial_workers, "cpus_per_worker": sc.cpus_per_worker, "gpus_per_worker": sc.gpus_per_worker})})
+        "num_workers": sc.trial_workers, "runner": "ray_train", "cpus_per_worker": sc.cpus_per_worker,
+        "gpus_per_worker": sc.gpus_per_worker})})
     max_t = cfg.train.max_steps or 10**9
     search = ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=sc.seed),
                                                    points_to_evaluate=sc.points_to_evaluate or None), max_concurrent=sc.max_concurrent)
@@ -328,7 +329,7 @@ def ablate(cfg, out: Path, tracking_uri: str, model: str, command: str | None = 
     sc = cfg.sweep
     cfg = cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"kind": model}),
-        "train": cfg.train.model_copy(update={"num_workers": sc.trial_workers, "cpus_per_worker": sc.cpus_per_worker,
+        "train": cfg.train.model_copy(update={"num_workers": sc.trial_workers, "runner": "ray_train", "cpus_per_worker": sc.cpus_per_worker,
                                               "gpus_per_worker": sc.gpus_per_worker})})
     missing = [t for t in cfg.ablate.evaluate if t not in cfg.evaluate.tasks]
     if missing:
