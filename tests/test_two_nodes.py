@@ -54,13 +54,16 @@ def trial_runs(res: dict):
 @pytest.mark.slow
 def test_a_sweep_runs_its_trials_on_both_nodes(tmp_path):
     """2 trials at once, 1 worker of 0.9 CPU each, on two nodes of 1 CPU: one trial per node. Both finish, and
-    each trial's MLflow run names the node it trained on."""
+    each trial's MLflow run names the node it trained on. The trials run Ray Train (sweep.train_in_trial: false),
+    its reports reaching Tune through TuneReportCallback: the path of multi-worker trials; the test below runs
+    the default, training in the trial's process."""
     out = tmp_path / "sweep"
     cluster, node = two_node_cluster()
     try:
         nodes = sorted([cluster.head_node.node_id, node.node_id])
         r = subprocess.run([sys.executable, "-m", "keplm.jobs.cli", "sweep", "--config", sweep_config(tmp_path),
-                            "--output", str(out), "--address", cluster.address], cwd=REPO, capture_output=True,
+                            "--output", str(out), "--address", cluster.address, "sweep.train_in_trial=false"],
+                           cwd=REPO, capture_output=True,
                            text=True, timeout=900)
     finally:
         cluster.shutdown()

@@ -189,8 +189,10 @@ TRAIN_RUN_CONTROL = frozenset({
 
 
 def computed_train_section(dump: dict) -> dict:
-    """A config dump's train section less TRAIN_RUN_CONTROL."""
-    return {k: v for k, v in dump["train"].items() if k not in TRAIN_RUN_CONTROL}
+    """A config dump's train section less TRAIN_RUN_CONTROL, and less ``runner`` at its default (a key made before
+    that setting existed stays the same; an in-process training keeps its checkpoints apart)."""
+    return {k: v for k, v in dump["train"].items()
+            if k not in TRAIN_RUN_CONTROL and not (k == "runner" and v == "ray_train")}
 
 
 def training_key(cfg, lineage: dict[str, str]) -> dict:

@@ -131,6 +131,9 @@ class TrainConfig(Section):
     def _runner(self):
         if self.runner == "in_process" and self.num_workers != 1:
             raise ValueError(f"train.runner=in_process trains one worker; train.num_workers is {self.num_workers}")
+        if self.runner == "in_process" and self.storage_path and "://" in self.storage_path:
+            raise ValueError("train.runner=in_process keeps its checkpoints on a local path; train.storage_path is "
+                             f"{self.storage_path!r} (use runner ray_train for remote storage)")
         return self
 
 
@@ -489,6 +492,8 @@ def train_loop_per_worker(config: dict, session=None) -> None:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed + rank)
     device = session.device()
+    if device.type == "cuda":   # this run's peak, not an earlier run's in the same process (a reused trial actor)
+        torch.cuda.reset_peak_memory_stats(device)
     torch.use_deterministic_algorithms(cfg.deterministic if cfg.deterministic is not None else device.type == "cpu",
                                        warn_only=True)
 
@@ -663,79 +668,82 @@ def train_loop_per_worker(config: dict, session=None) -> None:
         # resuming: the batches before `position` were consumed before the checkpoint
         pending = bounded_batches(batches, position, steps_per_epoch)
         feed = Prefetcher(pending, collate, cfg.prefetch_batches, pin=device.type == "cuda")
-        for i, cpu_tensors, rng_state, batch_stats in feed:
-            tokens_window += int(cpu_tensors["attention_mask"].sum())   # on the host: no device sync
-            slots_window += cpu_tensors["attention_mask"].numel()         # real tokens + padding: what is computed
-            samples_window += cpu_tensors["input_ids"].shape[0]
-            tensors = {k: v.to(device, non_blocking=True) for k, v in cpu_tensors.items()}
-            sync = (micro + 1) % cfg.grad_accum == 0
-            ctx_mgr = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
-            with ctx_mgr, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = model(**tensors)
-                if micro % cfg.grad_accum == 0 and shared_params and diagnostic_due(
-                        step + 1, start_step, cfg.diagnostics_every, cfg.checkpoint_every):
-                    diagnostics = term_gradient_norms(out, weights, shared_params)
-                (out.loss / cfg.grad_accum).backward()
-            for k, v in out.items():  # summed on the device: one host sync per optimizer step, not per term
-                if k.endswith("loss") and v is not None and v.dim() == 0:
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
-            micro += 1
-            position = i + 1
-            collate_state, consumed_stats = rng_state, batch_stats
-            if not sync:
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            # every worker's loss terms, averaged: what the step optimised
-            last = mean_over_ranks(sums, loss_names(out), device)
-            sums = {}
-            elapsed = time.perf_counter() - t_window
-            tok_s = tokens_window * world / max(elapsed, 1e-9)
-            last.update(rows_skipped_for_balance=skipped, step=step, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=tok_s,
-                        samples_per_s=samples_window * world / max(elapsed, 1e-9),
-                        mfu=tok_s / world * n_flops / peak, epoch=epoch,
-                        padding_fraction=1 - tokens_window / max(slots_window, 1), workers=world)
-            if diagnostics:
-                last.update({f"grad_norm/{k}": v for k, v in diagnostics.items()}, peak_tflops=peak / 1e12)
-                warning = imbalance_warning(diagnostics, cfg.diagnostics_max_ratio)
-                if warning and rank == 0:
-                    log.warning("step %d: %s", step, warning)
-                diagnostics = {}
-            if device.type == "cuda":
-                last["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            else:
-                import resource
+        try:   # the prefetch thread ends with the loop, also when a report raises (a trial Tune stopped)
+            for i, cpu_tensors, rng_state, batch_stats in feed:
+                tokens_window += int(cpu_tensors["attention_mask"].sum())   # on the host: no device sync
+                slots_window += cpu_tensors["attention_mask"].numel()         # real tokens + padding: what is computed
+                samples_window += cpu_tensors["input_ids"].shape[0]
+                tensors = {k: v.to(device, non_blocking=True) for k, v in cpu_tensors.items()}
+                sync = (micro + 1) % cfg.grad_accum == 0
+                ctx_mgr = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
+                with ctx_mgr, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = model(**tensors)
+                    if micro % cfg.grad_accum == 0 and shared_params and diagnostic_due(
+                            step + 1, start_step, cfg.diagnostics_every, cfg.checkpoint_every):
+                        diagnostics = term_gradient_norms(out, weights, shared_params)
+                    (out.loss / cfg.grad_accum).backward()
+                for k, v in out.items():  # summed on the device: one host sync per optimizer step, not per term
+                    if k.endswith("loss") and v is not None and v.dim() == 0:
+                        sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+                micro += 1
+                position = i + 1
+                collate_state, consumed_stats = rng_state, batch_stats
+                if not sync:
+                    continue
+                grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                # every worker's loss terms, averaged: what the step optimised
+                last = mean_over_ranks(sums, loss_names(out), device)
+                sums = {}
+                elapsed = time.perf_counter() - t_window
+                tok_s = tokens_window * world / max(elapsed, 1e-9)
+                last.update(rows_skipped_for_balance=skipped, step=step, lr=sched.get_last_lr()[0],
+                            grad_norm=float(grad_norm), tokens_per_s=tok_s,
+                            samples_per_s=samples_window * world / max(elapsed, 1e-9),
+                            mfu=tok_s / world * n_flops / peak, epoch=epoch,
+                            padding_fraction=1 - tokens_window / max(slots_window, 1), workers=world)
+                if diagnostics:
+                    last.update({f"grad_norm/{k}": v for k, v in diagnostics.items()}, peak_tflops=peak / 1e12)
+                    warning = imbalance_warning(diagnostics, cfg.diagnostics_max_ratio)
+                    if warning and rank == 0:
+                        log.warning("step %d: %s", step, warning)
+                    diagnostics = {}
+                if device.type == "cuda":
+                    last["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                else:
+                    import resource
 
-                last["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            t_window, tokens_window, slots_window, samples_window = time.perf_counter(), 0, 0, 0
-            if tracker is not None:
-                from mlflow.entities import Metric
+                    last["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                t_window, tokens_window, slots_window, samples_window = time.perf_counter(), 0, 0, 0
+                if tracker is not None:
+                    from mlflow.entities import Metric
 
-                ts = int(time.time() * 1000)
-                logging_ops.append(tracker.log_batch(config["run_id"], synchronous=False, metrics=[
-                    Metric(k, float(v), ts, step) for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)]))
-            if rank == 0 and (step % cfg.log_every == 0 or step == total):
-                eta = (time.perf_counter() - t_start) / max(step, 1) * (total - step)
-                log.info("train: step %d/%d, loss %.4f, %s tokens/s, ETA %s", step, total,
-                         last.get("loss", float("nan")), f"{tok_s:,.0f}", eta_text(eta))
-            if cfg.fault_at_step == step and rank == world - 1 and config.get("fault_marker"):
-                def before_exit():
-                    session.wait_for_reports()   # the restart resumes from this step's checkpoint
-                    log.warning("fault injection: worker rank %d exits after step %d", rank, step)
+                    ts = int(time.time() * 1000)
+                    logging_ops.append(tracker.log_batch(config["run_id"], synchronous=False, metrics=[
+                        Metric(k, float(v), ts, step) for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)]))
+                if rank == 0 and (step % cfg.log_every == 0 or step == total):
+                    eta = (time.perf_counter() - t_start) / max(step, 1) * (total - step)
+                    log.info("train: step %d/%d, loss %.4f, %s tokens/s, ETA %s", step, total,
+                             last.get("loss", float("nan")), f"{tok_s:,.0f}", eta_text(eta))
+                if cfg.fault_at_step == step and rank == world - 1 and config.get("fault_marker"):
+                    def before_exit():
+                        session.wait_for_reports()   # the restart resumes from this step's checkpoint
+                        log.warning("fault injection: worker rank %d exits after step %d", rank, step)
 
-                exit_once(config["fault_marker"], str(step), before_exit)   # the restarted group gets past it
-            stop_early = ((cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
-                          or (step in pause_at and step > start_step))
-            if step >= total or stop_early:
-                done = True
-                save(final=step >= total)
-                break
-            if step % cfg.checkpoint_every == 0:
-                save(final=False)
-        feed.close()
+                    exit_once(config["fault_marker"], str(step), before_exit)   # the restarted group gets past it
+                stop_early = ((cfg.stop_after_steps is not None and step >= cfg.stop_after_steps)
+                              or (step in pause_at and step > start_step))
+                if step >= total or stop_early:
+                    done = True
+                    save(final=step >= total)
+                    break
+                if step % cfg.checkpoint_every == 0:
+                    save(final=False)
+        finally:
+            feed.close()
         if not done:
             epoch += 1
             position = 0
@@ -811,8 +819,17 @@ def run_in_process(cfg: TrainConfig, files: list[str], build: Callable, build_co
     storage = (Path(cfg.storage_path or Path(out_dir) / "in_process") / name).resolve()
     dataset = shard_dataset(files, cfg.seed, cfg.read_cpus, cfg.read_concurrency) if cfg.reader == "ray_data" else None
     session = LocalSession(storage, cfg.keep_checkpoints, cfg.use_gpu, on_report, dataset)
-    train_loop_per_worker(loop_config(cfg, files, build, build_context, out_dir, tracking_uri, run_id, seq_len,
-                                      val_files), session)
+    import torch
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        train_loop_per_worker(loop_config(cfg, files, build, build_context, out_dir, tracking_uri, run_id, seq_len,
+                                          val_files), session)
+    finally:
+        # what the loop set for itself goes with it: this process goes on (a trial's evaluation, the job's export)
+        torch.use_deterministic_algorithms(deterministic)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return session.result()
 
 

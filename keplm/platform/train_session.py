@@ -114,8 +114,12 @@ class LocalSession:
         self.in_ray_worker = in_ray_worker()   # a sweep trial's actor; not keplm pretrain's driver
 
     def device(self):
+        """The GPU when ``use_gpu`` (unset: when this process sees one); in a Ray actor given a GPU, Ray has made
+        it the only one visible, so it is ``cuda:0``."""
         import torch
 
+        if self.use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("train.use_gpu is true, but this process sees no GPU")
         gpu = torch.cuda.is_available() if self.use_gpu is None else self.use_gpu
         return torch.device("cuda", 0) if gpu else torch.device("cpu")
 

@@ -111,17 +111,18 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
         client.log_metric(parent, name, seconds)
     base = dump_config(cfg)
     in_trial = cfg.sweep.train_in_trial and trains_in_process(cfg.train)
+    resources = trial_resources(cfg.train) if in_trial else {"cpu": 0.01}
     shared = {"base": base, "stages": stages, "tracking_uri": tracking_uri, "parent_run": parent, "out": str(out.resolve()),
               "job": job, "model": model, "objective": objective, "proxy_task": proxy_task,
-              "rungs": list(rungs or []), "eval_tasks": eval_tasks or {}, "train_in_trial": in_trial}
+              "rungs": list(rungs or []), "eval_tasks": eval_tasks or {}, "train_in_trial": in_trial,
+              "trial_gpu": "gpu" in resources}
     if objective == "proxy_f1" or job == "ablate":
         # the proxy F1 only exists in a trial's last result, and the ablation's not-pretrained variant has no
         # training to report a loss from; the step reports carry the losses
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # a trial that trains in its own process holds its worker's CPUs/GPUs; one that runs Ray Train only waits
     # on it, and the Train workers hold them
-    trainable = tune.with_resources(tune.with_parameters(pretrain_trial, shared=shared),
-                                    trial_resources(cfg.train) if in_trial else {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(pretrain_trial, shared=shared), resources)
     storage = str((out / "tune").resolve())
     name = f"{job}-{key[:16]}"   # one Tune experiment per sweep key: a changed sweep never restores another's
     path = os.path.join(storage, name)
@@ -135,8 +136,10 @@ def run_tune(cfg, out: Path, job: str, param_space: dict, *, metric: str, mode: 
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg,
                                         scheduler=scheduler,
                                         # a trial that trains in its own process leaves it with torch and the
-                                        # models imported: the next trial starts in it
-                                        reuse_actors=in_trial,
+                                        # models imported: the next trial starts in it. Not under synchronous
+                                        # halving: Tune would keep a paused trial's actor, its thread waiting
+                                        # in tune.report, while the trial resumes elsewhere
+                                        reuse_actors=in_trial and not rungs,
                                         # a sweep's searcher is already a ConcurrencyLimiter (SHA moves its cap)
                                         max_concurrent_trials=None if search_alg is not None else max_concurrent),
             # Tune's status tables off (verbose=0): the console gets TrialEvents' lines, and Tune's log the log file

@@ -88,11 +88,17 @@ def pretrain_trial(config: dict, shared: dict) -> None:
         args = (train_cfg, inputs["files"], build_for_worker, inputs["context"], trial_dir, shared["tracking_uri"],
                 run_id, cfg.batches.max_seq_len, inputs["val_files"])
         in_trial = shared.get("train_in_trial") and trains_in_process(train_cfg)
+        if in_trial:   # on a GPU when the sweep gave the trial one (trial_resources), never one it does not hold
+            train_cfg = train_cfg.model_copy(update={"use_gpu": bool(shared.get("trial_gpu"))})
+            args = (train_cfg, *args[1:])
+        # named by trial: a train.storage_path the trials share keeps each trial's checkpoints apart
+        name = f"trial-{trial_id}"
         while True:
             if in_trial:
-                result = run_in_process(*args, on_report=lambda m: None if held_at_rung(m, rungs) else tune.report(m))
+                result = run_in_process(*args, on_report=lambda m: None if held_at_rung(m, rungs) else tune.report(m),
+                                        name=name)
             else:
-                result = run_training(*args, callbacks=[RungHoldingReport(rungs)], name="train")
+                result = run_training(*args, callbacks=[RungHoldingReport(rungs)], name=name)
             if result.error is not None:
                 raise result.error
             metrics = dict(result.metrics or {})
@@ -195,7 +201,7 @@ def evaluate_trial(model_dir: Path, tasks: dict[str, dict], cfg, client, run_id:
     from keplm.models.downstream.tasks import TaskSpec, run_task
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the trial actor holds no CPU of its own: one thread beside the other trial
+    torch.set_num_threads(1)   # one thread beside the other trial (a Ray Train trial's actor holds no CPU of its own)
     scores: dict[str, float] = {}
     try:
         for name, spec in tasks.items():
