@@ -131,7 +131,7 @@ class TrainConfig(Section):
     def _runner(self):
         if self.runner == "in_process" and self.num_workers != 1:
             raise ValueError(f"train.runner=in_process trains one worker; train.num_workers is {self.num_workers}")
-        if self.runner == "in_process" and self.storage_path and "://" in self.storage_path:
+        if self.runner == "in_process" and not local_storage(self):
             raise ValueError("train.runner=in_process keeps its checkpoints on a local path; train.storage_path is "
                              f"{self.storage_path!r} (use runner ray_train for remote storage)")
         return self
@@ -799,9 +799,21 @@ def loop_config(cfg: TrainConfig, files: list[str], build: Callable, build_conte
             "fault_marker": str(Path(out_dir).resolve() / "fault_injected"), "val_files": val_files or []}
 
 
+def local_storage(cfg: TrainConfig) -> bool:
+    """Whether the checkpoints go to a local path (unset, or a path), not a URI (s3://, gs://)."""
+    return cfg.storage_path is None or "://" not in cfg.storage_path
+
+
+def uses_gpu(cfg: TrainConfig) -> bool:
+    """``train.use_gpu``, or when unset whether the connected Ray cluster has a GPU."""
+    import ray
+
+    return cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+
+
 def trains_in_process(cfg: TrainConfig) -> bool:
     """Whether ``run_in_process`` can run this training: one worker, checkpoints on a local path."""
-    return cfg.num_workers == 1 and (cfg.storage_path is None or "://" not in cfg.storage_path)
+    return cfg.num_workers == 1 and local_storage(cfg)
 
 
 def run_in_process(cfg: TrainConfig, files: list[str], build: Callable, build_context: dict, out_dir: str | Path,
@@ -843,11 +855,10 @@ def run_training(cfg: TrainConfig, files: list[str], build: Callable, build_cont
     resources, with one line naming a lost node and what it waits for, then the run fails with a
     ``ClusterResourcesError`` (``keplm.platform.train_resources``). Without it (a sweep's trials, which wait for
     each other's workers) Ray Train retries the placement every 60 s for as long as it takes."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    use_gpu = uses_gpu(cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     storage = cfg.storage_path or str(Path(out_dir).resolve() / "ray_train")
     notice = []

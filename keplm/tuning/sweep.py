@@ -26,7 +26,7 @@ import yaml
 from keplm.platform.config import dump_config, flatten
 from keplm.platform.errors import KeplmError
 from keplm.platform.manifest import sha256_json
-from keplm.platform.train_loop import trains_in_process
+from keplm.platform.train_loop import trains_in_process, uses_gpu
 from keplm.tuning.space import ABLATION_GRIDS, merge, nest
 from keplm.tuning.trainable import pretrain_trial, trial_overrides
 
@@ -60,10 +60,7 @@ def sweep_key(cfg) -> dict:
 
 def trial_resources(train) -> dict[str, float]:
     """What a trial that trains in its own process asks Tune for: one Ray Train worker's resources."""
-    import ray
-
-    use_gpu = train.use_gpu if train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    return {"cpu": train.cpus_per_worker, **({"gpu": train.gpus_per_worker} if use_gpu else {})}
+    return {"cpu": train.cpus_per_worker, **({"gpu": train.gpus_per_worker} if uses_gpu(train) else {})}
 
 
 def _parent_run(client, cfg, out: Path, job: str, params: dict, key: str, key_parts: dict, tracking_uri: str) -> str:
